@@ -1,0 +1,1 @@
+"""The ``pflat`` command line."""

@@ -1,0 +1,182 @@
+"""The job orchestrator: one function per stage, called in order. No stage touches a database or the
+environment; progress and cancellation cross the boundary through one callback."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core import accounting
+from core.batching import Encoded, Template, encode_classification, encode_generation
+from core.data import Dataset, load_dataset
+from core.evaluate import classification_metrics, generation_metrics
+from core.export import save_adapter, versions, write_report
+from core.heads import Head, build_head
+from core.models import BaseModel, load_base_model
+from core.prompting import PromptLearner, build_learner
+from core.spec import TrainSpec
+from core.train import Progress, ProgressFn, TrainResult, train
+
+GENERATION_TEMPLATE = Template("{text}\n")
+
+
+@dataclass
+class Prepared:
+    spec: TrainSpec
+    train_set: Dataset
+    eval_set: Dataset | None
+    base: BaseModel
+    learner: PromptLearner
+    head: Head | None
+    rows: list[Encoded]
+    device: torch.device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare(spec: TrainSpec, *, train_path: Path, eval_path: Path | None, cache_dir: Path, device: str = "auto",
+            max_rows: int | None = None) -> Prepared:
+    """Load and validate data, load the frozen base model, attach the prefix and the head, tokenise."""
+    seed_everything(spec.seed)
+    dev = resolve_device(device)
+    train_set = load_dataset(train_path, task=spec.task, label_names=spec.label_names, max_rows=max_rows)
+    names = spec.label_names or train_set.label_names
+    eval_set = load_dataset(eval_path, task=spec.task, label_names=names) if eval_path else None
+    base = load_base_model(spec.model, cache_dir=cache_dir, seed=spec.seed)
+    base.model.to(dev)
+    learner = build_learner(base, tuning=spec.tuning, num_virtual_tokens=spec.num_virtual_tokens,
+                            prefix_projection=spec.prefix_projection)
+    head: Head | None = None
+    if spec.task == "classification":
+        k = train_set.num_labels or 2
+        head = build_head(learner, num_labels=k, label_names=list(names) if names else None).to(dev)
+        rows = encode_classification(train_set.examples, base.tokenizer, template=head.template,
+                                     choices=list(names or []), max_length=spec.max_length)
+    else:
+        rows = encode_generation(train_set.examples, base.tokenizer, template=GENERATION_TEMPLATE,
+                                 max_length=spec.max_length)
+    return Prepared(spec, train_set, eval_set, base, learner, head, rows, dev)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """The calibrated DP-SGD mechanism: T steps at sample rate q with noise σ, for (ε, δ)."""
+
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    delta: float
+
+
+def calibrate(spec: TrainSpec, *, n: int, prior: list[accounting.PrivacyEvent] | None = None) -> Mechanism:
+    """Sample rate, steps and the smallest σ that meets ``target_epsilon`` (σ = 0 when non-private)."""
+    q = accounting.sample_rate_for(batch_size=min(spec.batch_size, n), dataset_size=n)
+    steps = accounting.steps_for(epochs=spec.epochs, sample_rate=q)
+    if spec.max_steps is not None:
+        steps = min(steps, spec.max_steps)
+    delta = spec.delta_for(n)
+    sigma = 0.0
+    if spec.private:
+        assert spec.target_epsilon is not None
+        sigma = accounting.calibrate_noise(target_epsilon=spec.target_epsilon, delta=delta, sample_rate=q,
+                                           steps=steps, accountant=spec.accountant, prior=prior or ())
+    return Mechanism(steps, q, sigma, delta)
+
+
+def evaluate(prep: Prepared, *, use_prompt: bool = True) -> dict[str, Any]:
+    """Metrics on the evaluation set (empty dict when there is none)."""
+    spec, ev = prep.spec, prep.eval_set
+    if ev is None:
+        return {}
+    if spec.eval_max_examples is not None:
+        ev = Dataset(ev.task, ev.examples[: spec.eval_max_examples], ev.label_names)
+    if spec.task == "classification":
+        assert prep.head is not None
+        names = list(spec.label_names or prep.train_set.label_names or [])
+        rows = encode_classification(ev.examples, prep.base.tokenizer, template=prep.head.template,
+                                     choices=names, max_length=spec.max_length)
+        return classification_metrics(prep.learner, prep.head, rows, num_labels=prep.train_set.num_labels or 2,
+                                       device=prep.device, use_prompt=use_prompt)
+    return generation_metrics(prep.learner, ev, template=GENERATION_TEMPLATE, max_length=spec.max_length,
+                              max_new_tokens=spec.max_new_tokens, device=prep.device)
+
+
+def report(prep: Prepared, mech: Mechanism, result: TrainResult, metrics: dict[str, Any],
+           zero_shot: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The privacy report. It never overstates: a non-private run says it has no formal guarantee."""
+    spec = prep.spec
+    eps = result.accountant.epsilon(delta=mech.delta) if spec.private else None
+    note = (f"({eps:.4g}, {mech.delta:.3g})-DP for every example of the training set, by the {spec.accountant} "
+            "accountant over the recorded DP-SGD events." if spec.private else
+            "No formal (epsilon, delta) guarantee: the private data was used without clipping or noise.")
+    step = max(1, len(result.losses) // 200)
+    return {
+        "epsilon": eps, "delta": mech.delta if spec.private else None,
+        "noise_multiplier": mech.noise_multiplier, "sample_rate": mech.sample_rate, "steps": result.steps,
+        "planned_steps": mech.steps, "accountant": spec.accountant,
+        "max_grad_norm": spec.max_grad_norm if spec.private else None,
+        "guarantee": spec.guarantee, "guarantee_note": note,
+        "events": result.accountant.state_dict()["events"],
+        "dataset": {"train_rows": len(prep.train_set), "eval_rows": len(prep.eval_set) if prep.eval_set else 0,
+                    "label_names": list(spec.label_names or prep.train_set.label_names or []) or None},
+        "head": prep.head.describe() if prep.head is not None else None,
+        "metrics": metrics, "zero_shot_metrics": zero_shot,
+        "train_loss": [round(x, 5) for x in result.losses[::step]],
+        "timing": {"train_seconds": result.seconds, "total_seconds": seconds,
+                   "examples_per_second": result.examples_seen / max(result.seconds, 1e-9)},
+        "device": str(prep.device), "config": spec.to_dict(), "versions": versions(),
+    }
+
+
+def run_job(spec: TrainSpec, *, train_path: Path, out_dir: Path, cache_dir: Path, eval_path: Path | None = None,
+            device: str = "auto", callback: ProgressFn | None = None, max_rows: int | None = None) -> dict[str, Any]:
+    """prepare → calibrate → (zero-shot) evaluate → train → evaluate → export. Returns the report.
+
+    Raises:
+        DatasetFormatError / InvalidSpec: bad data or settings, before anything trains.
+        Cancelled: the callback returned False (nothing is exported).
+    """
+    start = time.perf_counter()
+    notify = callback or (lambda _p: None)
+    prep = prepare(spec, train_path=train_path, eval_path=eval_path, cache_dir=cache_dir, device=device,
+                   max_rows=max_rows)
+    mech = calibrate(spec, n=len(prep.rows))
+    notify(Progress("prepared", 0, mech.steps, metrics={"noise_multiplier": mech.noise_multiplier,
+                                                        "sample_rate": mech.sample_rate, "delta": mech.delta}))
+    zero_shot = evaluate(prep, use_prompt=False) if spec.task == "classification" else {}
+    assert prep.head is not None or spec.task == "generation"
+    result = train(prep.learner, prep.head or _NoHead(), prep.rows, spec=spec, steps=mech.steps,
+                   sample_rate=mech.sample_rate, noise_multiplier=mech.noise_multiplier, delta=mech.delta,
+                   device=prep.device, callback=callback)
+    notify(Progress("evaluate", mech.steps, mech.steps))
+    metrics = evaluate(prep)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_adapter(prep.learner, prep.head or _NoHead(), out_dir,
+                 label_names=list(spec.label_names or prep.train_set.label_names or []) or None,
+                 num_labels=prep.train_set.num_labels, spec=spec.to_dict())
+    rep = report(prep, mech, result, metrics, zero_shot, time.perf_counter() - start)
+    write_report(rep, out_dir)
+    notify(Progress("done", mech.steps, mech.steps, epsilon=rep["epsilon"], metrics=metrics))
+    return rep
+
+
+class _NoHead(Head):
+    """Generation has no classification head; this parameterless stand-in keeps one code path."""
+
+    kind = "none"

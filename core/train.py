@@ -1,0 +1,135 @@
+"""The DP-SGD training loop, top to bottom.
+
+Each step: Poisson-sample a logical batch (rate q) → split it into length-sorted physical batches → per-example
+losses → clipped per-example gradients summed → one Gaussian noise draw → optimizer step → accountant step →
+progress callback (which may cancel). An empty logical batch still takes a noise-only step: skipping it would
+change the mechanism the accountant analyses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.accounting import PrivacyAccountant
+from core.batching import Encoded, collate, length_chunks, poisson_sample
+from core.dp import DPGradient
+from core.errors import Cancelled
+from core.heads import Head
+from core.objective import classification_losses, completion_losses
+from core.prompting import PromptLearner
+from core.spec import TrainSpec
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report leaving the core. ``epsilon`` is the ε spent so far (None when non-private)."""
+
+    stage: str
+    step: int
+    total_steps: int
+    loss: float | None = None
+    epsilon: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# Return False to cancel: the loop stops after the step it just finished (that step stays spent).
+ProgressFn = Callable[[Progress], bool | None]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    accountant: PrivacyAccountant
+    losses: list[float]
+    seconds: float
+    examples_seen: int
+
+
+def autocast_for(device: torch.device) -> Any:
+    """bf16 autocast on CUDA, nothing on CPU: the same code path either way."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def make_optimizer(params: Sequence[nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def trainable_module(learner: PromptLearner, head: Head) -> nn.Module:
+    """Every trainable parameter, each exactly once (see :class:`core.dp.DPGradient`)."""
+    parts = nn.ModuleDict({"prompt": learner.prompt_encoder})
+    if any(p.requires_grad for p in head.parameters()):
+        parts["head"] = head
+    return parts
+
+
+def train(learner: PromptLearner, head: Head, rows: Sequence[Encoded], *, spec: TrainSpec, steps: int,
+          sample_rate: float, noise_multiplier: float, delta: float, device: torch.device,
+          callback: ProgressFn | None = None, accountant: PrivacyAccountant | None = None) -> TrainResult:
+    """Run ``steps`` DP-SGD steps (or non-private steps when ``spec.private`` is False).
+
+    Args:
+        rows: encoded training examples (N of them).
+        steps, sample_rate, noise_multiplier: the calibrated mechanism (T, q, σ).
+        delta: δ used to report ε spent so far.
+        accountant: continue an existing accountant (a resumed job); a fresh one by default.
+    Raises:
+        Cancelled: the callback returned False; ``err.result`` holds the partial :class:`TrainResult`.
+    """
+    n = len(rows)
+    lengths = [len(r) for r in rows]
+    pad = learner.base.tokenizer.pad_token_id
+    rng = np.random.default_rng(spec.seed)
+    gen = torch.Generator(device=device).manual_seed(spec.seed + 1)
+    module = trainable_module(learner, head)
+    dp = DPGradient(module, max_grad_norm=spec.max_grad_norm, noise_multiplier=noise_multiplier,
+                    private=spec.private, generator=gen)
+    optim = make_optimizer(dp.params, spec)
+    acct = accountant or PrivacyAccountant(accountant=spec.accountant)
+    expected = sample_rate * n
+    learner.train(True)
+    losses: list[float] = []
+    seen, start = 0, time.perf_counter()
+    for step in range(1, steps + 1):
+        batch_idx = poisson_sample(n, sample_rate=sample_rate, rng=rng)
+        step_loss = 0.0
+        for chunk in length_chunks(batch_idx, lengths, max_rows=spec.physical_batch_size):
+            batch = collate([rows[i] for i in chunk], pad_id=pad).to(device)
+            with autocast_for(device):
+                if spec.task == "classification":
+                    per_example, _ = classification_losses(learner, head, batch)
+                else:
+                    per_example, _ = completion_losses(learner, batch)
+            dp.accumulate(per_example.float())
+            step_loss += float(per_example.detach().sum())
+        stats = dp.finish(expected_batch_size=expected)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        if spec.private:
+            acct.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+        seen += stats.examples
+        losses.append(step_loss / stats.examples if stats.examples else float("nan"))
+        if callback is not None:
+            eps = acct.epsilon(delta=delta) if spec.private else None
+            report = Progress("train", step, steps, loss=losses[-1], epsilon=eps,
+                              metrics={"examples": stats.examples, "grad_norm": stats.grad_norm,
+                                       "clipped_fraction": stats.clipped_fraction})
+            if callback(report) is False:
+                learner.train(False)
+                err = Cancelled(f"cancelled after step {step} of {steps}")
+                err.result = TrainResult(step, noise_multiplier, sample_rate, acct, losses,  # type: ignore[attr-defined]
+                                         time.perf_counter() - start, seen)
+                raise err
+    learner.train(False)
+    return TrainResult(steps, noise_multiplier, sample_rate, acct, losses, time.perf_counter() - start, seen)
