@@ -112,7 +112,8 @@ def encode_generation(examples: Sequence[Example], tok: PreTrainedTokenizerBase,
         if not with_completion:
             out.append(Encoded(tuple(p_ids[-max_length:])))
             continue
-        c_ids = tok(" " + (ex.completion or ""), add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        c_ids = tok(" " + (ex.completion or ""), add_special_tokens=False)["input_ids"]
+        c_ids += [eos] if eos is not None else []
         c_ids = c_ids[: max(max_length // 2, max_length - len(p_ids))]
         p_ids = p_ids[-(max_length - len(c_ids)):] if len(p_ids) + len(c_ids) > max_length else p_ids
         ids = p_ids + c_ids

@@ -34,12 +34,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def save_adapter(learner: PromptLearner, head: Head, out_dir: Path, *, label_names: list[str] | None,
+def save_adapter(learner: PromptLearner, head: Head | None, out_dir: Path, *, label_names: list[str] | None,
                  num_labels: int | None, spec: dict[str, Any]) -> Path:
     """Write the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and our head file."""
     adapter = out_dir / "adapter"
     learner.peft_model.save_pretrained(str(adapter))
-    meta = {"head": head.describe(), "label_names": label_names, "num_labels": num_labels,
+    meta = {"head": head.describe() if head is not None else None, "label_names": label_names, "num_labels": num_labels,
             "tuning": learner.tuning, "task": spec.get("task"), "model": spec.get("model"),
             "pflat_versions": versions()}
     (adapter / HEAD_FILE).write_text(json.dumps(meta, indent=2))

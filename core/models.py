@@ -12,6 +12,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ class BaseModel:
 
     name: str
     family: str
-    model: nn.Module
+    model: Any  # a transformers PreTrainedModel (its attributes are dynamic)
     tokenizer: PreTrainedTokenizerBase
     pooling: str
     has_lm_head: bool
@@ -120,13 +121,15 @@ def _tiny(name: str, seed: int) -> BaseModel:
     torch.manual_seed(seed)
     model: nn.Module
     if name == "tiny-bert":
+        # initializer_range 0.2 (not 0.02): a random 32-wide model is otherwise nearly constant in its input.
         cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)
+                         attention_probs_dropout_prob=0.0, initializer_range=0.2)
         model = AutoModelForMaskedLM.from_config(cfg)
         return BaseModel(name, "encoder", model, tok, pooling="mean", has_lm_head=True)
     cfg_l = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                        initializer_range=0.2,
                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(cfg_l)
     return BaseModel(name, "decoder", model, tok, pooling="last", has_lm_head=True)

@@ -22,7 +22,8 @@ def classification_losses(learner: PromptLearner, head: Head, batch: Batch) -> t
     return F.cross_entropy(logits, batch.labels, reduction="none"), logits
 
 
-def completion_losses(learner: PromptLearner, batch: Batch, hidden: Hidden | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_losses(learner: PromptLearner, batch: Batch,
+                      hidden: Hidden | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean token cross-entropy over each example's completion tokens [B], and their counts [B].
 
     Only the target positions go through the LM head ([T, V] instead of [B, L, V]).

@@ -160,23 +160,16 @@ def run_job(spec: TrainSpec, *, train_path: Path, out_dir: Path, cache_dir: Path
     notify(Progress("prepared", 0, mech.steps, metrics={"noise_multiplier": mech.noise_multiplier,
                                                         "sample_rate": mech.sample_rate, "delta": mech.delta}))
     zero_shot = evaluate(prep, use_prompt=False) if spec.task == "classification" else {}
-    assert prep.head is not None or spec.task == "generation"
-    result = train(prep.learner, prep.head or _NoHead(), prep.rows, spec=spec, steps=mech.steps,
+    result = train(prep.learner, prep.head, prep.rows, spec=spec, steps=mech.steps,
                    sample_rate=mech.sample_rate, noise_multiplier=mech.noise_multiplier, delta=mech.delta,
                    device=prep.device, callback=callback)
     notify(Progress("evaluate", mech.steps, mech.steps))
     metrics = evaluate(prep)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_adapter(prep.learner, prep.head or _NoHead(), out_dir,
+    save_adapter(prep.learner, prep.head, out_dir,
                  label_names=list(spec.label_names or prep.train_set.label_names or []) or None,
                  num_labels=prep.train_set.num_labels, spec=spec.to_dict())
     rep = report(prep, mech, result, metrics, zero_shot, time.perf_counter() - start)
     write_report(rep, out_dir)
     notify(Progress("done", mech.steps, mech.steps, epsilon=rep["epsilon"], metrics=metrics))
     return rep
-
-
-class _NoHead(Head):
-    """Generation has no classification head; this parameterless stand-in keeps one code path."""
-
-    kind = "none"

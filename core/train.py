@@ -66,15 +66,15 @@ def make_optimizer(params: Sequence[nn.Parameter], spec: TrainSpec) -> torch.opt
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
-def trainable_module(learner: PromptLearner, head: Head) -> nn.Module:
+def trainable_module(learner: PromptLearner, head: Head | None) -> nn.Module:
     """Every trainable parameter, each exactly once (see :class:`core.dp.DPGradient`)."""
     parts = nn.ModuleDict({"prompt": learner.prompt_encoder})
-    if any(p.requires_grad for p in head.parameters()):
+    if head is not None and any(p.requires_grad for p in head.parameters()):
         parts["head"] = head
     return parts
 
 
-def train(learner: PromptLearner, head: Head, rows: Sequence[Encoded], *, spec: TrainSpec, steps: int,
+def train(learner: PromptLearner, head: Head | None, rows: Sequence[Encoded], *, spec: TrainSpec, steps: int,
           sample_rate: float, noise_multiplier: float, delta: float, device: torch.device,
           callback: ProgressFn | None = None, accountant: PrivacyAccountant | None = None) -> TrainResult:
     """Run ``steps`` DP-SGD steps (or non-private steps when ``spec.private`` is False).
@@ -107,7 +107,7 @@ def train(learner: PromptLearner, head: Head, rows: Sequence[Encoded], *, spec: 
         for chunk in length_chunks(batch_idx, lengths, max_rows=spec.physical_batch_size):
             batch = collate([rows[i] for i in chunk], pad_id=pad).to(device)
             with autocast_for(device):
-                if spec.task == "classification":
+                if head is not None:
                     per_example, _ = classification_losses(learner, head, batch)
                 else:
                     per_example, _ = completion_losses(learner, batch)

@@ -21,7 +21,8 @@ def toy_examples(n: int, *, seed: int = 0) -> list[Example]:
     out = []
     for i in range(n):
         k = int(torch.randint(3, 9, (1,), generator=g))
-        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (k,), generator=g)]
+        words = [WORDS[int(j)] for j in torch.randint(5, len(WORDS), (k,), generator=g)]
+        words.insert(int(torch.randint(0, k, (1,), generator=g)), "good" if i % 2 else "bad")  # the signal
         out.append(Example(" ".join(words), i % 2, completion=" ".join(reversed(words))))
     return out
 
