@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export PFLAT_CACHE_DIR ?= $(HOME)/.cache/pflat
 DATASETS ?= ../shared/datasets
 
 .PHONY: venv demo test lint typecheck unit bench clean

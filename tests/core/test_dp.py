@@ -23,7 +23,7 @@ def _per_sample(learner, head, rows, task):  # noqa: ANN001, ANN202
     losses = classification_losses(learner, head, batch)[0] if task == "classification" \
         else completion_losses(learner, batch)[0]
     losses.sum().backward()
-    return [getattr(p, "grad_sample").detach().clone() for p in dp.params], dp.params
+    return [p.grad_sample.detach().clone() for p in dp.params], dp.params
 
 
 def _loop(learner, head, rows, task, params):  # noqa: ANN001, ANN202

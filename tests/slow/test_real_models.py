@@ -31,7 +31,7 @@ def _check_per_sample(learner, head, rows, task):  # noqa: ANN001, ANN202
             else completion_losses(learner, batch)[0]
 
     loss_of(batch_of(learner, rows)).sum().backward()
-    fast = [getattr(p, "grad_sample").detach().clone() for p in dp.params]
+    fast = [p.grad_sample.detach().clone() for p in dp.params]
     for i, r in enumerate(rows):
         slow = torch.autograd.grad(loss_of(batch_of(learner, [r])).sum(), dp.params)
         for f, s in zip(fast, slow):
