@@ -15,6 +15,8 @@ DATASETS = Path(os.environ.get("PFLAT_DATASETS", ROOT.parent / "shared" / "datas
 @pytest.fixture(scope="session")
 def datasets() -> Path:
     if not (DATASETS / "sst2" / "train.tsv").exists():
+        if os.environ.get("CI"):  # CI lays shared/ beside the clone: missing data there is a failure, not a skip
+            pytest.fail(f"shared datasets not found at {DATASETS}")
         pytest.skip(f"shared datasets not found at {DATASETS} (set PFLAT_DATASETS)")
     return DATASETS
 
