@@ -60,6 +60,21 @@ def test_per_sample_gradients_match_per_example_loop(name: str, task: str, tunin
         assert b.norm() > 0
 
 
+def test_per_sample_gradients_exact_with_prefix_projection() -> None:
+    """The reparametrised prefix (embedding → MLP) is exact too: Opacus' Linear sampler on [B, P, D] inputs."""
+    from core.models import load_base_model
+    from core.prompting import build_learner
+
+    learner = build_learner(load_base_model("tiny-llama", cache_dir=None, seed=0),  # type: ignore[arg-type]
+                            tuning="prefix", num_virtual_tokens=3, prefix_projection=True)
+    head, rows = tiny_rows(learner, 5)
+    fast, params = _per_sample(learner, head, rows, "classification")
+    assert len(params) > 1  # embedding + MLP weights and biases
+    slow = _loop(learner, head, rows, "classification", params)
+    for a, b in zip(fast, slow):
+        assert (a - b).norm() / b.norm().clamp(min=1e-12) < 1e-4
+
+
 def test_clipping_bounds_every_example_and_noise_has_calibrated_std() -> None:
     learner = tiny_learner("tiny-bert")
     head, rows = tiny_rows(learner, 8)
