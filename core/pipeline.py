@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import accounting
 from core.batching import Encoded, Template, encode_classification, encode_generation
 from core.data import Dataset, load_dataset
 from core.evaluate import classification_metrics, generation_metrics
 from core.export import save_adapter, versions, write_report
 from core.heads import Head, build_head
 from core.models import BaseModel, load_base_model
+from core.planning import Mechanism, calibrate
 from core.prompting import PromptLearner, build_learner
 from core.spec import TrainSpec
 from core.train import Progress, ProgressFn, TrainResult, train
@@ -74,31 +74,6 @@ def prepare(spec: TrainSpec, *, train_path: Path, eval_path: Path | None, cache_
     return Prepared(spec, train_set, eval_set, base, learner, head, rows, dev)
 
 
-@dataclass(frozen=True)
-class Mechanism:
-    """The calibrated DP-SGD mechanism: T steps at sample rate q with noise σ, for (ε, δ)."""
-
-    steps: int
-    sample_rate: float
-    noise_multiplier: float
-    delta: float
-
-
-def calibrate(spec: TrainSpec, *, n: int, prior: list[accounting.PrivacyEvent] | None = None) -> Mechanism:
-    """Sample rate, steps and the smallest σ that meets ``target_epsilon`` (σ = 0 when non-private)."""
-    q = accounting.sample_rate_for(batch_size=min(spec.batch_size, n), dataset_size=n)
-    steps = accounting.steps_for(epochs=spec.epochs, sample_rate=q)
-    if spec.max_steps is not None:
-        steps = min(steps, spec.max_steps)
-    delta = spec.delta_for(n)
-    sigma = 0.0
-    if spec.private:
-        assert spec.target_epsilon is not None
-        sigma = accounting.calibrate_noise(target_epsilon=spec.target_epsilon, delta=delta, sample_rate=q,
-                                           steps=steps, accountant=spec.accountant, prior=prior or ())
-    return Mechanism(steps, q, sigma, delta)
-
-
 def evaluate(prep: Prepared, *, use_prompt: bool = True) -> dict[str, Any]:
     """Metrics on the evaluation set (empty dict when there is none)."""
     spec, ev = prep.spec, prep.eval_set
@@ -145,8 +120,12 @@ def report(prep: Prepared, mech: Mechanism, result: TrainResult, metrics: dict[s
 
 
 def run_job(spec: TrainSpec, *, train_path: Path, out_dir: Path, cache_dir: Path, eval_path: Path | None = None,
-            device: str = "auto", callback: ProgressFn | None = None, max_rows: int | None = None) -> dict[str, Any]:
+            device: str = "auto", callback: ProgressFn | None = None, max_rows: int | None = None,
+            mechanism: Mechanism | None = None) -> dict[str, Any]:
     """prepare → calibrate → (zero-shot) evaluate → train → evaluate → export. Returns the report.
+
+    ``mechanism``: a plan made earlier (the service calibrates at submission and reserves budget for exactly
+    that plan); it must be for this dataset's size. By default the plan is calibrated here.
 
     Raises:
         DatasetFormatError / InvalidSpec: bad data or settings, before anything trains.
@@ -156,7 +135,7 @@ def run_job(spec: TrainSpec, *, train_path: Path, out_dir: Path, cache_dir: Path
     notify = callback or (lambda _p: None)
     prep = prepare(spec, train_path=train_path, eval_path=eval_path, cache_dir=cache_dir, device=device,
                    max_rows=max_rows)
-    mech = calibrate(spec, n=len(prep.rows))
+    mech = mechanism or calibrate(spec, n=len(prep.rows))
     notify(Progress("prepared", 0, mech.steps, metrics={"noise_multiplier": mech.noise_multiplier,
                                                         "sample_rate": mech.sample_rate, "delta": mech.delta}))
     zero_shot = evaluate(prep, use_prompt=False) if spec.task == "classification" else {}

@@ -73,7 +73,7 @@ def _saved_prefix(adapter: Path) -> torch.Tensor:
 
 
 def test_in_memory_and_reloaded_predictions_agree(toy_files: dict[str, Path], tmp_path: Path) -> None:
-    from core.pipeline import calibrate
+    from core.planning import calibrate
     from core.train import train
 
     spec = TrainSpec(model="tiny-llama", epochs=1, batch_size=16, lr=0.3, target_epsilon=8.0, seed=4)

@@ -1,0 +1,56 @@
+"""Dependencies: settings, a DB session per request, the calling team, the artifact store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Annotated
+
+from fastapi import Depends, Header
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from store import repo
+from store.db import session_factory
+from store.models import Team
+from store.settings import Settings, get_settings
+from store.storage import Storage, storage_from_url
+
+
+def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
+    session = session_factory(settings.resolved_database_url())()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+@lru_cache(maxsize=4)
+def _storage(url: str) -> Storage:
+    return storage_from_url(url)
+
+
+def get_storage(settings: Annotated[Settings, Depends(get_settings)]) -> Storage:
+    return _storage(settings.resolved_storage_url())
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+def current_team(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Team:
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise ApiError(401, "invalid_api_key", "Missing API key: send 'Authorization: Bearer <key>'.",
+                       type_="authentication_error")
+    team = repo.team_for_key(session, key=authorization.split(None, 1)[1].strip())
+    if team is None:
+        raise ApiError(401, "invalid_api_key", "Invalid API key.", type_="authentication_error")
+    return team
+
+
+CurrentTeam = Annotated[Team, Depends(current_team)]
