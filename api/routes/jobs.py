@@ -98,6 +98,9 @@ def estimate(req: JobCreate, team: CurrentTeam, session: SessionDep) -> dict[str
 @router.post("/v1/fine_tuning/jobs", summary="Create a fine-tuning job (reserves its privacy budget)")
 def create_job(req: JobCreate, team: CurrentTeam, session: SessionDep) -> dict[str, Any]:
     spec, mech, train, dataset = _plan(req, team, session)
+    # Lock the dataset row before inserting anything that references it: the job's foreign key would take a
+    # share lock first, and two submissions upgrading share locks to FOR UPDATE deadlock each other.
+    ledger.lock_dataset(session, dataset.id)
     job = JobRow(id=new_id("ftjob-"), team_id=team.id, dataset_id=dataset.id, training_file=train.id,
                  validation_file=req.validation_file, model=req.model, status="queued",
                  method={"type": req.method.type}, spec=spec.to_dict(), mechanism=mech.to_dict(),
