@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "admin":
         return _admin(args, url)
     if args.command == "worker":
-        return subprocess.call(worker_command(args.concurrency))
+        cmd = worker_command(args.concurrency)
+        os.execv(cmd[0], cmd)  # become the Celery worker: signals (SIGTERM from compose, tests) reach it directly
     return _serve(args, url)
 
 
@@ -76,7 +77,8 @@ def _serve(args: argparse.Namespace, url: str) -> int:
 
     upgrade(url)
     requeue_stranded(url)
-    worker = None if args.api_only else subprocess.Popen(worker_command(), env=dict(os.environ))
+    worker = None if args.api_only else subprocess.Popen(worker_command(), env=dict(os.environ),
+                                                         preexec_fn=_die_with_parent)
     try:
         uvicorn.run("api.main:app", host=args.host, port=args.port, log_level="info")
     finally:
@@ -87,6 +89,16 @@ def _serve(args: argparse.Namespace, url: str) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
     return 0
+
+
+def _die_with_parent() -> None:
+    """Linux: the embedded worker gets SIGTERM when `pflat serve` dies, however it dies (no orphans)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def requeue_stranded(url: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(7 * 24 * 3600, description="Broker redelivery timeout (> any job).")
     event_every_steps: int = Field(1, description="Write a progress event every N training steps.")
     webhook_secret: str | None = Field(None, description="HMAC key for webhooks (per deployment).")
+
+    @field_validator("database_url", "broker_url", "storage_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'pflat.db').resolve()}"
