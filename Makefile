@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 export PFLAT_CACHE_DIR ?= $(HOME)/.cache/pflat
 DATASETS ?= ../shared/datasets
 
-.PHONY: venv demo test lint typecheck unit bench clean
+.PHONY: venv demo train-demo test lint typecheck unit bench bench-service clean
 
 $(BIN)/.installed: pyproject.toml requirements-models.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,10 +21,12 @@ $(BIN)/.installed: pyproject.toml requirements-models.txt
 venv: $(BIN)/.installed
 
 demo: venv
+	$(BIN)/python scripts/demo.py --datasets $(DATASETS)
+
+train-demo: venv
 	$(BIN)/pflat train --data $(DATASETS)/sst2/train.tsv --max-rows 2000 --eval-data $(DATASETS)/sst2/dev.tsv \
 		--model minilm --label-names terrible,great --method dp_prefix --epsilon 8 --epochs 3 \
-		--batch-size 256 --lr 0.05 --out runs/demo
-	@echo "adapter: runs/demo/adapter   report: runs/demo/privacy_report.json"
+		--batch-size 256 --lr 0.05 --out runs/train-demo
 
 lint: venv
 	$(BIN)/ruff check .
@@ -39,7 +41,8 @@ test: venv lint typecheck
 	$(BIN)/pytest -q -ra
 
 bench: venv
-	$(BIN)/python -m benchmarks.step_time
+	$(BIN)/python -m benchmarks.step_time --datasets $(DATASETS)
+	$(BIN)/python -m benchmarks.pollers
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
@@ -17,8 +17,9 @@ from store.settings import Settings, get_settings
 from store.storage import Storage, storage_from_url
 
 
-def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
-    session = session_factory(settings.resolved_database_url())()
+def get_session(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
+    write = request.method not in ("GET", "HEAD", "OPTIONS")
+    session = session_factory(settings.resolved_database_url(), write=write)()
     try:
         yield session
         session.commit()
