@@ -9,7 +9,6 @@ from functools import lru_cache
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-
 # FastAPI runs sync dependencies (and their teardown) on a 40-thread pool: with fewer connections than threads,
 # requests waiting for a connection can starve the teardowns that would return one (a deadlock until the pool
 # timeout). 10 + 40 connections per process keep every thread supplied.
