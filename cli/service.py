@@ -24,6 +24,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("name")
     k = admin.add_parser("create-key", help="Create an API key for a team (printed once).")
     k.add_argument("team", help="team name or id")
+    admin.add_parser("webhook-secret", help="Print the HMAC secret that signs webhooks.")
 
 
 def worker_command(concurrency: int = 1) -> list[str]:
@@ -42,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
 
         upgrade(url)
         print(f"database at head: {_safe(url)}")
+        return 0
+    if args.command == "admin" and args.admin_command == "webhook-secret":
+        from store.webhooks import secret_for
+
+        print(secret_for(settings))
         return 0
     if args.command == "admin":
         return _admin(args, url)

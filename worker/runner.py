@@ -22,7 +22,7 @@ from core.errors import Cancelled, CoreError
 from core.planning import Mechanism
 from core.spec import TrainSpec
 from core.train import Progress
-from store import ledger, repo
+from store import ledger, repo, webhooks
 from store.db import session_scope
 from store.models import CheckpointRow, FileRow, JobRow, new_id, now
 from store.settings import Settings, get_settings
@@ -78,6 +78,7 @@ def run(job_id: str, *, settings: Settings | None = None) -> str:
     with session_scope(url) as s:
         job = s.get(JobRow, job_id)
         assert job is not None
+        webhooks.notify(settings, url=job.webhook_url, job_id=job_id, status="running", dataset_id=job.dataset_id)
         spec, mech = TrainSpec.from_dict(job.spec), Mechanism.from_dict(job.mechanism)
         files = {k: s.get(FileRow, v) for k, v in (("train", job.training_file), ("eval", job.validation_file)) if v}
     callback = JobCallback(url, job, mech, settings.event_every_steps)
@@ -101,8 +102,12 @@ def run(job_id: str, *, settings: Settings | None = None) -> str:
                  "param": None, "trace": traceback.format_exc(limit=5)[-2000:]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _finish(url, job, mech, status, error)
-    return status
+    final = _finish(url, job, mech, status, error)
+    sender = webhooks.notify(settings, url=job.webhook_url, job_id=job_id, status=final, dataset_id=job.dataset_id,
+                             extra={"error": error} if error else None)
+    if sender is not None:
+        sender.join(timeout=60)  # a solo worker may exit after the task: let the last delivery finish
+    return final
 
 
 def _fetch(storage: Storage, f: FileRow, dest: Path) -> Path:
@@ -135,7 +140,7 @@ def _store_results(url: str, storage: Storage, job: JobRow, out: Path, report: d
         row.fine_tuned_model = f"{job.model}:pflat:{job.suffix or 'adapter'}:{job.id}"
 
 
-def _finish(url: str, job: JobRow, mech: Mechanism, status: str, error: dict[str, Any] | None) -> None:
+def _finish(url: str, job: JobRow, mech: Mechanism, status: str, error: dict[str, Any] | None) -> str:
     with session_scope(url) as s:
         ledger.record(s, dataset_id=job.dataset_id, job_id=job.id, kind="release", mechanism=mech,
                       steps=ledger.outstanding_steps(s, job_id=job.id), guarantee=job.guarantee)
@@ -148,3 +153,4 @@ def _finish(url: str, job: JobRow, mech: Mechanism, status: str, error: dict[str
                "failed": f"Job failed: {(error or {}).get('message', '')}"}[status]
         repo.add_event(s, job_id=job.id, level="error" if status == "failed" else "info", message=msg,
                        data={"status": status})
+    return status

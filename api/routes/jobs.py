@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select, update
 
-from api.deps import CurrentTeam, SessionDep, StorageDep
+from api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError, not_found
 from api.schemas import JobCreate, ListPage
 from api.views import checkpoint_view, event_view, job_view
@@ -18,7 +18,7 @@ from core.errors import InvalidSpec
 from core.planning import Mechanism, calibrate
 from core.registry import is_known
 from core.spec import TrainSpec
-from store import ledger, repo
+from store import ledger, repo, webhooks
 from store.models import CheckpointRow, DatasetRow, FileRow, JobRow, new_id, now
 from worker.client import enqueue
 
@@ -96,7 +96,7 @@ def estimate(req: JobCreate, team: CurrentTeam, session: SessionDep) -> dict[str
 
 
 @router.post("/v1/fine_tuning/jobs", summary="Create a fine-tuning job (reserves its privacy budget)")
-def create_job(req: JobCreate, team: CurrentTeam, session: SessionDep) -> dict[str, Any]:
+def create_job(req: JobCreate, team: CurrentTeam, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     spec, mech, train, dataset = _plan(req, team, session)
     # Lock the dataset row before inserting anything that references it: the job's foreign key would take a
     # share lock first, and two submissions upgrading share locks to FOR UPDATE deadlock each other.
@@ -122,6 +122,7 @@ def create_job(req: JobCreate, team: CurrentTeam, session: SessionDep) -> dict[s
         session.commit()
         raise ApiError(503, "broker_unavailable", "the job queue is unavailable; nothing was spent, retry later",
                        type_="server_error") from err
+    webhooks.notify(settings, url=job.webhook_url, job_id=job.id, status="queued", dataset_id=dataset.id)
     return job_view(job)
 
 
@@ -151,7 +152,7 @@ def retrieve_job(job_id: str, team: CurrentTeam, session: SessionDep) -> dict[st
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel", summary="Cancel a job (steps already run stay spent)")
-def cancel_job(job_id: str, team: CurrentTeam, session: SessionDep) -> dict[str, Any]:
+def cancel_job(job_id: str, team: CurrentTeam, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     job = _job(session, team, job_id)
     queued = session.execute(update(JobRow).where(JobRow.id == job.id, JobRow.status == "queued")
                              .values(status="cancelled", finished_at=now()))
@@ -160,6 +161,7 @@ def cancel_job(job_id: str, team: CurrentTeam, session: SessionDep) -> dict[str,
         ledger.record(session, dataset_id=job.dataset_id, job_id=job.id, kind="release", mechanism=mech,
                       steps=ledger.outstanding_steps(session, job_id=job.id), guarantee=job.guarantee)
         repo.add_event(session, job_id=job.id, message="Job cancelled before it started; budget released")
+        webhooks.notify(settings, url=job.webhook_url, job_id=job.id, status="cancelled", dataset_id=job.dataset_id)
     else:
         running = session.execute(update(JobRow).where(JobRow.id == job.id, JobRow.status == "running")
                                   .values(status="cancelled", cancel_requested=True))
