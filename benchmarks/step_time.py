@@ -64,9 +64,7 @@ def step_times(learner, head, rows, *, private: bool, steps: int, batch: int = 3
         opt.step()
         if i >= 2:  # warm-up steps excluded
             times.append(time.perf_counter() - t)
-    # Opacus hooks stay on the module; remove them so the next measurement is clean.
-    if private:
-        dp.module._close()
+    dp.close()  # remove the Opacus hooks so the next measurement is clean
     return statistics.median(times)
 
 

@@ -75,6 +75,11 @@ class DPGradient:
         self._clipped += int((norms > self.max_grad_norm).sum())
         return norms.detach()
 
+    def close(self) -> None:
+        """Remove the per-sample hooks, so later forward/backward passes (evaluation, flatness) are plain."""
+        if isinstance(self.module, GradSampleModule):
+            self.module._close()
+
     def finish(self, *, expected_batch_size: float) -> StepStats:
         """Write the privatised mean gradient into ``p.grad`` for the optimizer and reset the accumulator."""
         for acc, p in zip(self._sum, self.params):

@@ -12,16 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.batching import Encoded, Template, encode_classification, encode_generation
+from core.batching import Encoded, Template, collate, encode_classification, encode_generation, length_chunks
 from core.data import Dataset, load_dataset
 from core.evaluate import classification_metrics, generation_metrics
 from core.export import save_adapter, versions, write_report
+from core.flatness import measure, plot
 from core.heads import Head, build_head
 from core.models import BaseModel, load_base_model
+from core.objective import classification_losses, completion_losses
 from core.planning import Mechanism, calibrate
 from core.prompting import PromptLearner, build_learner
 from core.spec import TrainSpec
-from core.train import Progress, ProgressFn, TrainResult, train
+from core.train import Progress, ProgressFn, TrainResult, autocast_for, train
 
 GENERATION_TEMPLATE = Template("{text}\n")
 
@@ -92,8 +94,36 @@ def evaluate(prep: Prepared, *, use_prompt: bool = True) -> dict[str, Any]:
                               max_new_tokens=spec.max_new_tokens, device=prep.device)
 
 
+def flatness(prep: Prepared) -> dict[str, Any] | None:
+    """Sharpness and 1-D landscape around the trained prefix, on up to ``flatness_probe`` evaluation rows."""
+    spec, ev = prep.spec, prep.eval_set
+    if ev is None or spec.flatness_probe == 0:
+        return None
+    examples = ev.examples[: spec.flatness_probe]
+    tok = prep.base.tokenizer
+    if prep.head is not None:
+        names = list(spec.label_names or prep.train_set.label_names or [])
+        rows = encode_classification(examples, tok, template=prep.head.template, choices=names,
+                                     max_length=spec.max_length)
+    else:
+        rows = encode_generation(examples, tok, template=GENERATION_TEMPLATE, max_length=spec.max_length)
+    batches = [collate([rows[i] for i in chunk], pad_id=tok.pad_token_id).to(prep.device)
+               for chunk in length_chunks(range(len(rows)), [len(r) for r in rows], max_rows=32)]
+
+    def loss_fn() -> torch.Tensor:
+        total = torch.zeros((), device=prep.device)
+        for b in batches:
+            with autocast_for(prep.device):
+                per = classification_losses(prep.learner, prep.head, b)[0] if prep.head is not None \
+                    else completion_losses(prep.learner, b)[0]
+            total = total + per.float().sum()
+        return total / len(rows)
+
+    return measure(loss_fn, prep.learner.trainable_parameters(), rho=spec.flatness_rho, seed=spec.seed)
+
+
 def report(prep: Prepared, mech: Mechanism, result: TrainResult, metrics: dict[str, Any],
-           zero_shot: dict[str, Any], seconds: float) -> dict[str, Any]:
+           zero_shot: dict[str, Any], seconds: float, flat: dict[str, Any] | None = None) -> dict[str, Any]:
     """The privacy report. It never overstates: a non-private run says it has no formal guarantee."""
     spec = prep.spec
     eps = result.accountant.epsilon(delta=mech.delta) if spec.private else None
@@ -111,7 +141,7 @@ def report(prep: Prepared, mech: Mechanism, result: TrainResult, metrics: dict[s
         "dataset": {"train_rows": len(prep.train_set), "eval_rows": len(prep.eval_set) if prep.eval_set else 0,
                     "label_names": list(spec.label_names or prep.train_set.label_names or []) or None},
         "head": prep.head.describe() if prep.head is not None else None,
-        "metrics": metrics, "zero_shot_metrics": zero_shot,
+        "metrics": metrics, "zero_shot_metrics": zero_shot, "flatness": flat,
         "train_loss": [round(x, 5) for x in result.losses[::step]],
         "timing": {"train_seconds": result.seconds, "total_seconds": seconds,
                    "examples_per_second": result.examples_seen / max(result.seconds, 1e-9)},
@@ -144,11 +174,15 @@ def run_job(spec: TrainSpec, *, train_path: Path, out_dir: Path, cache_dir: Path
                    device=prep.device, callback=callback)
     notify(Progress("evaluate", mech.steps, mech.steps))
     metrics = evaluate(prep)
+    notify(Progress("flatness", mech.steps, mech.steps))
+    flat = flatness(prep)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if flat is not None:
+        plot(flat, out_dir / "loss_landscape.png")
     save_adapter(prep.learner, prep.head, out_dir,
                  label_names=list(spec.label_names or prep.train_set.label_names or []) or None,
                  num_labels=prep.train_set.num_labels, spec=spec.to_dict())
-    rep = report(prep, mech, result, metrics, zero_shot, time.perf_counter() - start)
+    rep = report(prep, mech, result, metrics, zero_shot, time.perf_counter() - start, flat)
     write_report(rep, out_dir)
     notify(Progress("done", mech.steps, mech.steps, epsilon=rep["epsilon"], metrics=metrics))
     return rep

@@ -55,6 +55,9 @@ class TrainSpec:
     max_length: int = _help("Truncate inputs to this many tokens (never pads to it).", default=128)
     max_new_tokens: int = _help("Greedy decoding length for generation metrics.", default=48)
     eval_max_examples: int | None = _help("Evaluate on at most this many examples.", default=None)
+    flatness_probe: int = _help("Evaluation examples used to measure sharpness and the loss landscape "
+                                "(0: skip).", default=128)
+    flatness_rho: float = _help("Relative radius ρ of the flatness measurement.", default=0.05)
 
     def __post_init__(self) -> None:
         _choice(self.task, TASKS, "task")
@@ -72,6 +75,10 @@ class TrainSpec:
         if self.eval_max_examples is not None:
             _positive_int(self.eval_max_examples, "eval_max_examples")
         _positive_float(self.epochs, "epochs")
+        _positive_float(self.flatness_rho, "flatness_rho")
+        if isinstance(self.flatness_probe, bool) or not isinstance(self.flatness_probe, int) or self.flatness_probe < 0:
+            raise InvalidSpec(f"flatness_probe must be an integer >= 0, got {self.flatness_probe!r}",
+                              param="flatness_probe")
         _positive_float(self.lr, "lr")
         _positive_float(self.max_grad_norm, "max_grad_norm")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):

@@ -101,35 +101,38 @@ def train(learner: PromptLearner, head: Head | None, rows: Sequence[Encoded], *,
     learner.train(True)
     losses: list[float] = []
     seen, start = 0, time.perf_counter()
-    for step in range(1, steps + 1):
-        batch_idx = poisson_sample(n, sample_rate=sample_rate, rng=rng)
-        step_loss = 0.0
-        for chunk in length_chunks(batch_idx, lengths, max_rows=spec.physical_batch_size):
-            batch = collate([rows[i] for i in chunk], pad_id=pad).to(device)
-            with autocast_for(device):
-                if head is not None:
-                    per_example, _ = classification_losses(learner, head, batch)
-                else:
-                    per_example, _ = completion_losses(learner, batch)
-            dp.accumulate(per_example.float())
-            step_loss += float(per_example.detach().sum())
-        stats = dp.finish(expected_batch_size=expected)
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        if spec.private:
-            acct.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-        seen += stats.examples
-        losses.append(step_loss / stats.examples if stats.examples else float("nan"))
-        if callback is not None:
-            eps = acct.epsilon(delta=delta) if spec.private else None
-            report = Progress("train", step, steps, loss=losses[-1], epsilon=eps,
-                              metrics={"examples": stats.examples, "grad_norm": stats.grad_norm,
-                                       "clipped_fraction": stats.clipped_fraction})
-            if callback(report) is False:
-                learner.train(False)
-                err = Cancelled(f"cancelled after step {step} of {steps}")
-                err.result = TrainResult(step, noise_multiplier, sample_rate, acct, losses,  # type: ignore[attr-defined]
-                                         time.perf_counter() - start, seen)
-                raise err
+    try:
+        for step in range(1, steps + 1):
+            batch_idx = poisson_sample(n, sample_rate=sample_rate, rng=rng)
+            step_loss = 0.0
+            for chunk in length_chunks(batch_idx, lengths, max_rows=spec.physical_batch_size):
+                batch = collate([rows[i] for i in chunk], pad_id=pad).to(device)
+                with autocast_for(device):
+                    if head is not None:
+                        per_example, _ = classification_losses(learner, head, batch)
+                    else:
+                        per_example, _ = completion_losses(learner, batch)
+                dp.accumulate(per_example.float())
+                step_loss += float(per_example.detach().sum())
+            stats = dp.finish(expected_batch_size=expected)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            if spec.private:
+                acct.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+            seen += stats.examples
+            losses.append(step_loss / stats.examples if stats.examples else float("nan"))
+            if callback is not None:
+                eps = acct.epsilon(delta=delta) if spec.private else None
+                report = Progress("train", step, steps, loss=losses[-1], epsilon=eps,
+                                  metrics={"examples": stats.examples, "grad_norm": stats.grad_norm,
+                                           "clipped_fraction": stats.clipped_fraction})
+                if callback(report) is False:
+                    learner.train(False)
+                    err = Cancelled(f"cancelled after step {step} of {steps}")
+                    err.result = TrainResult(step, noise_multiplier, sample_rate, acct, losses,  # type: ignore[attr-defined]
+                                             time.perf_counter() - start, seen)
+                    raise err
+    finally:
+        dp.close()
     learner.train(False)
     return TrainResult(steps, noise_multiplier, sample_rate, acct, losses, time.perf_counter() - start, seen)

@@ -62,7 +62,7 @@ class JobCallback:
                     repo.add_event(s, job_id=self.job_id, type_="metrics", message=f"Step {p.step}/{p.total_steps}",
                                    data={"step": p.step, "total_steps": p.total_steps, "train_loss": p.loss,
                                          "epsilon_spent": p.epsilon, **p.metrics})
-            elif p.stage in ("prepared", "evaluate"):
+            elif p.stage in ("prepared", "evaluate", "flatness"):
                 repo.add_event(s, job_id=self.job_id, message=f"Stage: {p.stage}", data=p.metrics or None)
             return not (job.cancel_requested or job.status == "cancelled")
 
@@ -123,8 +123,9 @@ def _store_results(url: str, storage: Storage, job: JobRow, out: Path, report: d
         tar.add(out / "adapter", arcname="adapter")
     ids = []
     with session_scope(url) as s:
-        for path, name in ((archive, f"{job.id}-adapter.tar.gz"), (out / "privacy_report.json",
-                                                                     f"{job.id}-privacy_report.json")):
+        outputs = [(archive, f"{job.id}-adapter.tar.gz"), (out / "privacy_report.json", f"{job.id}-privacy_report.json"),
+                   (out / "loss_landscape.png", f"{job.id}-loss_landscape.png")]
+        for path, name in (o for o in outputs if o[0].exists()):
             fid = new_id("file-")
             key = f"results/{job.id}/{fid}"
             size = storage.put(key, path)
