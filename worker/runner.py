@@ -123,7 +123,8 @@ def _store_results(url: str, storage: Storage, job: JobRow, out: Path, report: d
         tar.add(out / "adapter", arcname="adapter")
     ids = []
     with session_scope(url) as s:
-        outputs = [(archive, f"{job.id}-adapter.tar.gz"), (out / "privacy_report.json", f"{job.id}-privacy_report.json"),
+        outputs = [(archive, f"{job.id}-adapter.tar.gz"),
+                   (out / "privacy_report.json", f"{job.id}-privacy_report.json"),
                    (out / "loss_landscape.png", f"{job.id}-loss_landscape.png")]
         for path, name in (o for o in outputs if o[0].exists()):
             fid = new_id("file-")
