@@ -128,7 +128,9 @@ def report(prep: Prepared, mech: Mechanism, result: TrainResult, metrics: dict[s
     spec = prep.spec
     eps = result.accountant.epsilon(delta=mech.delta) if spec.private else None
     note = (f"({eps:.4g}, {mech.delta:.3g})-DP for every example of the training set, by the {spec.accountant} "
-            "accountant over the recorded DP-SGD events." if spec.private else
+            "accountant over the recorded DP-SGD events." + (
+                " Sampling and noise came from a seeded PRNG (noise_seed): the bound holds only while that seed "
+                "stays secret." if spec.noise_seed is not None else "") if spec.private else
             "No formal (epsilon, delta) guarantee: the private data was used without clipping or noise.")
     step = max(1, len(result.losses) // 200)
     return {
@@ -136,7 +138,7 @@ def report(prep: Prepared, mech: Mechanism, result: TrainResult, metrics: dict[s
         "noise_multiplier": mech.noise_multiplier, "sample_rate": mech.sample_rate, "steps": result.steps,
         "planned_steps": mech.steps, "accountant": spec.accountant,
         "max_grad_norm": spec.max_grad_norm if spec.private else None,
-        "guarantee": spec.guarantee, "guarantee_note": note,
+        "guarantee": spec.guarantee, "guarantee_note": note, "noise_seeded": spec.noise_seed is not None,
         "events": result.accountant.state_dict()["events"],
         "dataset": {"train_rows": len(prep.train_set), "eval_rows": len(prep.eval_set) if prep.eval_set else 0,
                     "label_names": list(spec.label_names or prep.train_set.label_names or []) or None},

@@ -49,7 +49,10 @@ class TrainSpec:
     target_delta: float | None = _help("δ; must be below 1/n. Default: min(1e-5, 1/(10 n)).", default=None)
     max_grad_norm: float = _help("Per-example clipping bound C (prefix gradients are small: ~0.1).", default=0.1)
     accountant: str = _help("`rdp` (default) or `pld`.", default="rdp")
-    seed: int = _help("Seeds sampling, noise and initialisation.", default=0)
+    seed: int = _help("Seeds initialisation and data order of evaluation.", default=0)
+    noise_seed: int | None = _help("Seeds Poisson sampling and the DP noise. None (default): fresh OS entropy, "
+                                   "as the guarantee assumes; an int makes runs repeatable (tests, debugging) "
+                                   "and the report says so.", default=None)
     label_names: tuple[str, ...] | None = _help("Verbalizer words per label index (classification).",
                                                 default=None)
     max_length: int = _help("Truncate inputs to this many tokens (never pads to it).", default=128)

@@ -106,7 +106,7 @@ def test_clipping_bounds_every_example_and_noise_has_calibrated_std() -> None:
 
 def _spec(**kw: object) -> TrainSpec:
     base = dict(model="tiny-bert", lr=0.05, batch_size=16, physical_batch_size=8, target_epsilon=8.0,
-                max_grad_norm=1.0, seed=1)
+                max_grad_norm=1.0, seed=1, noise_seed=7)
     base.update(kw)
     return TrainSpec(**base)  # type: ignore[arg-type]
 
@@ -136,6 +136,18 @@ def test_dp_training_lowers_loss_and_is_repeatable() -> None:
     assert last < first - 0.05, (first, last)
     losses2, w2 = run()
     assert losses == losses2 and torch.equal(w, w2)
+
+
+def test_noise_is_unpredictable_unless_seeded() -> None:
+    def weights(noise_seed: int | None) -> torch.Tensor:
+        learner = tiny_learner("tiny-bert", seed=0)
+        head, rows = tiny_rows(learner, 20)
+        train(learner, head, rows, spec=_spec(noise_seed=noise_seed), steps=2, sample_rate=0.5,
+              noise_multiplier=1.0, delta=1e-5, device=torch.device("cpu"))
+        return learner.prompt_encoder.embedding.weight.detach().clone()
+
+    assert not torch.equal(weights(None), weights(None))  # OS entropy: never the same noise twice
+    assert torch.equal(weights(3), weights(3))
 
 
 def test_reported_epsilon_matches_independent_accountant() -> None:

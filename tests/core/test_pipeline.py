@@ -35,7 +35,7 @@ def toy_files(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_dp_job_report_and_adapter_reload(toy_files: dict[str, Path], tmp_path: Path) -> None:
-    spec = TrainSpec(model="tiny-bert", epochs=1, batch_size=16, lr=0.1, target_epsilon=4.0, seed=2)
+    spec = TrainSpec(model="tiny-bert", epochs=1, batch_size=16, lr=0.1, target_epsilon=4.0, seed=2, noise_seed=5)
     out = tmp_path / "run"
     rep = run_job(spec, train_path=toy_files["classification"], eval_path=toy_files["classification"],
                   out_dir=out, cache_dir=tmp_path, device="cpu")
@@ -44,6 +44,7 @@ def test_dp_job_report_and_adapter_reload(toy_files: dict[str, Path], tmp_path: 
                 "guarantee", "metrics", "config", "versions"):
         assert key in saved, key
     assert saved["guarantee"] == "formal" and 0 < saved["epsilon"] <= 4.0 * 1.0001
+    assert saved["noise_seeded"] and "seed stays secret" in saved["guarantee_note"]
     assert saved["delta"] < 1 / 80 and saved["versions"]["torch"].startswith("2.13")
     assert TrainSpec.from_dict(saved["config"]) == spec
     assert set(saved["metrics"]) >= {"accuracy", "macro_f1", "loss"}
