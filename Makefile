@@ -38,11 +38,12 @@ unit: venv
 	$(BIN)/pytest -q -m "not slow"
 
 test: venv lint typecheck
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=10
 
 bench: venv
 	$(BIN)/python -m benchmarks.step_time --datasets $(DATASETS)
 	$(BIN)/python -m benchmarks.pollers
+	$(BIN)/python -m benchmarks.linear_probe --datasets $(DATASETS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

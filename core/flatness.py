@@ -64,17 +64,18 @@ def measure(loss_fn: LossFn, params: Sequence[nn.Parameter], *, rho: float = 0.0
         base = [p.detach().clone() for p in params]
         for p in params:
             p.grad = None
-        loss0 = loss_fn()
-        grads = torch.autograd.grad(loss0, list(params), allow_unused=True)
+        loss_t = loss_fn()
+        grads = torch.autograd.grad(loss_t, list(params), allow_unused=True)
+        loss0 = float(loss_t.detach())
         grads = tuple(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params))
         gdir = _scaled([g.detach() for g in grads], params, rho)
         rand = [_scaled([torch.randn(p.shape, generator=gen).to(p) for p in params], params, rho)
                 for _ in range(random_directions)]
-        rises = torch.tensor([_loss_at(loss_fn, params, base, d, 1.0) - float(loss0) for d in rand])
-        grad_rise = _loss_at(loss_fn, params, base, gdir, 1.0) - float(loss0)
+        rises = torch.tensor([_loss_at(loss_fn, params, base, d, 1.0) - loss0 for d in rand])
+        grad_rise = _loss_at(loss_fn, params, base, gdir, 1.0) - loss0
         curves = {name: [[a, _loss_at(loss_fn, params, base, d, a)] for a in alphas]
                   for name, d in (("random", rand[0]), ("gradient", gdir))}
-    return {"rho": rho, "loss": float(loss0), "sharpness_random": float(rises.mean()),
+    return {"rho": rho, "loss": loss0, "sharpness_random": float(rises.mean()),
             "sharpness_random_std": float(rises.std()) if len(rises) > 1 else 0.0,
             "sharpness_gradient": grad_rise, "curves": curves}
 
