@@ -4,30 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
+from api.errors import ApiError, not_found
 from store import repo
-from store.db import session_factory
-from store.models import Team
+from store.db import session_scope
+from store.models import DatasetRow, FileRow, JobRow, Team
 from store.settings import Settings, get_settings
 from store.storage import Storage, storage_from_url
 
 
 def get_session(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
     write = request.method not in ("GET", "HEAD", "OPTIONS")
-    session = session_factory(settings.resolved_database_url(), write=write)()
-    try:
+    with session_scope(settings.resolved_database_url(), write=write) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 @lru_cache(maxsize=4)
@@ -55,3 +48,12 @@ def current_team(session: SessionDep, authorization: Annotated[str | None, Heade
 
 
 CurrentTeam = Annotated[Team, Depends(current_team)]
+Owned = TypeVar("Owned", DatasetRow, FileRow, JobRow)
+
+
+def owned_or_404(session: Session, model: type[Owned], *, team: Team, ident: str, kind: str, param: str) -> Owned:
+    """The team's row, or 404 (never 403: another team's ids do not exist for this one)."""
+    row = repo.owned(session, model, team_id=team.id, ident=ident)
+    if row is None:
+        raise not_found(kind, ident, param=param)
+    return row

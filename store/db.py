@@ -50,9 +50,9 @@ def session_factory(url: str, *, write: bool = True) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error (for workers and commands)."""
-    session = session_factory(url)()
+def session_scope(url: str, *, write: bool = True) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error (requests, workers, commands)."""
+    session = session_factory(url, write=write)()
     try:
         yield session
         session.commit()

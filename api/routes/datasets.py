@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from api.deps import CurrentTeam, SessionDep
-from api.errors import ApiError, not_found
+from api.deps import CurrentTeam, SessionDep, owned_or_404
+from api.errors import ApiError
 from api.schemas import DatasetUpdate, ListPage
 from api.views import dataset_view
 from store import ledger, repo
@@ -17,10 +17,7 @@ router = APIRouter(tags=["datasets"])
 
 
 def _dataset(session: SessionDep, team: CurrentTeam, dataset_id: str) -> DatasetRow:
-    row = repo.owned(session, DatasetRow, team_id=team.id, ident=dataset_id)
-    if row is None:
-        raise not_found("dataset", dataset_id, param="dataset_id")
-    return row
+    return owned_or_404(session, DatasetRow, team=team, ident=dataset_id, kind="dataset", param="dataset_id")
 
 
 @router.get("/v1/datasets", summary="List datasets")

@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep, owned_or_404
 from api.errors import ApiError, not_found
 from api.schemas import ListPage
 from api.views import file_view
@@ -121,10 +121,7 @@ def list_files(team: CurrentTeam, session: SessionDep, purpose: str | None = Non
 
 
 def _file(session: SessionDep, team: CurrentTeam, file_id: str) -> FileRow:
-    row = repo.owned(session, FileRow, team_id=team.id, ident=file_id)
-    if row is None:
-        raise not_found("file", file_id, param="file_id")
-    return row
+    return owned_or_404(session, FileRow, team=team, ident=file_id, kind="file", param="file_id")
 
 
 @router.get("/v1/files/{file_id}", summary="Retrieve a file's metadata")

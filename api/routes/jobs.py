@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select, update
 
-from api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep, owned_or_404
 from api.errors import ApiError, not_found
 from api.schemas import JobCreate, ListPage
 from api.views import checkpoint_view, event_view, job_view
@@ -140,10 +140,7 @@ def list_jobs(request: Request, team: CurrentTeam, session: SessionDep, after: s
 
 
 def _job(session: SessionDep, team: CurrentTeam, job_id: str) -> JobRow:
-    row = repo.owned(session, JobRow, team_id=team.id, ident=job_id)
-    if row is None:
-        raise not_found("fine_tuning_job", job_id, param="fine_tuning_job_id")
-    return row
+    return owned_or_404(session, JobRow, team=team, ident=job_id, kind="fine_tuning_job", param="fine_tuning_job_id")
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}", summary="Retrieve a job")
