@@ -99,7 +99,7 @@ def flatness(prep: Prepared) -> dict[str, Any] | None:
     spec, ev = prep.spec, prep.eval_set
     if ev is None or spec.flatness_probe == 0:
         return None
-    examples = ev.examples[: spec.flatness_probe]
+    examples = ev.examples[: min(spec.flatness_probe, spec.eval_max_examples or spec.flatness_probe)]
     tok = prep.base.tokenizer
     if prep.head is not None:
         names = list(spec.label_names or prep.train_set.label_names or [])

@@ -59,7 +59,7 @@ class TrainSpec:
     max_new_tokens: int = _help("Greedy decoding length for generation metrics.", default=48)
     eval_max_examples: int | None = _help("Evaluate on at most this many examples.", default=None)
     flatness_probe: int = _help("Evaluation examples used to measure sharpness and the loss landscape "
-                                "(0: skip).", default=128)
+                                "(0: skip; at most eval_max_examples).", default=64)
     flatness_rho: float = _help("Relative radius ρ of the flatness measurement.", default=0.05)
 
     def __post_init__(self) -> None:
