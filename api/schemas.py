@@ -34,7 +34,25 @@ class Hyperparameters(Strict):
     max_grad_norm: float | None = Field(None, gt=0, description="Per-example clipping bound C.")
     accountant: Literal["rdp", "pld"] | None = None
     guarantee: Literal["formal", "empirical"] | None = Field(
-        None, description="formal: (ε, δ)-DP; empirical: the paper's recipe, no formal bound (privacy_flat).")
+        None, description="formal (default): (ε, δ)-DP. empirical (privacy_flat only, must be asked for): the "
+        "paper's recipe (raw-gradient AWP, teacher on the private data); the report and the dataset's ledger "
+        "then say no formal bound holds.")
+    trainer: Literal["first_order", "zeroth_order"] | None = Field(
+        None, description="zeroth_order: forward-only DP-ZO (two perturbed forward passes per step).")
+    zo_mu: float | None = Field(None, gt=0, description="DP-ZO perturbation scale μ.")
+    # Privacy-Flat (method privacy_flat); each part can be switched off.
+    awp: bool | None = Field(None, description="Within-layer: adversarial weight perturbation (AWP).")
+    awp_gamma: float | None = Field(None, gt=0, description="AWP radius, relative per prefix layer (γ).")
+    awp_fraction: float | None = Field(None, ge=0, le=1, description="Share of the steps, from the start, with AWP.")
+    awp_steps: int | None = Field(None, ge=1, le=10, description="Ascent steps (empirical mode only).")
+    layer_selection: bool | None = Field(None, description="Cross-layer: keep only the flattening prefix layers.")
+    keep_layers: int | None = Field(None, ge=1, description="Prefix layers kept (default ceil(3/4 of them)).")
+    layer_removal: Literal["mask", "zero"] | None = Field(None, description="How a removed layer's prefix goes.")
+    selection_probe: int | None = Field(None, ge=1, le=4096, description="Probe rows of the layer indicator.")
+    distillation: bool | None = Field(None, description="Cross-model: pull toward a non-private teacher prefix.")
+    distill_lambda: float | None = Field(None, gt=0, description="λ of ‖P − P_teacher‖₂ in every example's loss.")
+    distill_logits: float | None = Field(None, ge=0, description="Weight of a KL(teacher ‖ student) term.")
+    teacher_epochs: float | None = Field(None, gt=0, description="Passes of the teacher over its data.")
 
 
 class MethodBody(Strict):
@@ -55,6 +73,9 @@ class JobCreate(Strict):
     model: str = Field(..., description="Base model (see GET /v1/models).", examples=["minilm"])
     training_file: str = Field(..., description="Id of an uploaded file with purpose fine-tune.")
     validation_file: str | None = Field(None, description="Id of an evaluation file (metrics only).")
+    public_file: str | None = Field(None, description="Id of a file you declare public (not private data): "
+                                    "privacy_flat's teacher and layer probe train on it in formal mode. It "
+                                    "must not belong to the training file's dataset.")
     method: Method = Field(default_factory=Method)
     hyperparameters: Hyperparameters | None = Field(None, description="OpenAI's legacy place for settings.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)

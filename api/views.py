@@ -20,6 +20,9 @@ def job_view(j: JobRow) -> dict[str, Any]:
              "tuning": spec.get("tuning"), "target_epsilon": spec.get("target_epsilon"),
              "target_delta": mech.get("delta"), "max_grad_norm": spec.get("max_grad_norm"),
              "accountant": spec.get("accountant"), "guarantee": j.guarantee}
+    if j.method.get("type") == "privacy_flat":
+        hyper.update({k: spec.get(k) for k in ("awp", "awp_gamma", "awp_fraction", "layer_selection", "keep_layers",
+                                               "layer_removal", "distillation", "distill_lambda", "trainer")})
     return {
         "id": j.id, "object": "fine_tuning.job", "created_at": j.created_at, "error": j.error,
         "fine_tuned_model": j.fine_tuned_model, "finished_at": j.finished_at, "model": j.model,
@@ -27,6 +30,7 @@ def job_view(j: JobRow) -> dict[str, Any]:
         "method": {"type": j.method.get("type"), j.method.get("type"): {"hyperparameters": hyper}},
         "organization_id": j.team_id, "result_files": j.result_files or [], "seed": j.seed, "status": j.status,
         "trained_tokens": None, "training_file": j.training_file, "validation_file": j.validation_file,
+        "public_file": j.method.get("public_file"),
         "integrations": [], "metadata": j.metadata_, "estimated_finish": None, "suffix": j.suffix,
         "user_provided_suffix": j.suffix, "dataset": j.dataset_id,
         "privacy": {"guarantee": j.guarantee, "noise_multiplier": mech.get("noise_multiplier"),

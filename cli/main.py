@@ -23,8 +23,10 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--eval-data", type=Path, help="evaluation file (same format)")
     p.add_argument("--model", default="minilm", help="registry name (minilm, smollm2-135m) or a model folder")
     p.add_argument("--task", default="classification", choices=["classification", "generation"])
-    p.add_argument("--method", default="dp_prefix", choices=["dp_prefix", "non_private"])
+    p.add_argument("--method", default="dp_prefix", choices=["dp_prefix", "privacy_flat", "non_private"])
     p.add_argument("--tuning", default="prefix", choices=["prefix", "prompt"])
+    p.add_argument("--trainer", default="first_order", choices=["first_order", "zeroth_order"],
+                   help="zeroth_order: forward-only DP-ZO (two perturbed forward passes per step)")
     p.add_argument("--epsilon", type=float, default=3.0, help="target ε (dp methods)")
     p.add_argument("--delta", type=float, default=None, help="δ (default min(1e-5, 1/(10n)))")
     p.add_argument("--max-grad-norm", type=float, default=0.1, help="per-example clipping bound C")
@@ -42,6 +44,20 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--out", required=True, type=Path, help="output folder for the adapter and the report")
+    p.add_argument("--audit-fraction", type=float, default=0.0,
+                   help="hold out this share of the training file for a membership-inference audit")
+    f = p.add_argument_group("Privacy-Flat (--method privacy_flat)")
+    f.add_argument("--guarantee", default="formal", choices=["formal", "empirical"],
+                   help="formal: (ε, δ)-DP; empirical: the paper's recipe, no formal bound")
+    f.add_argument("--public-data", type=Path, default=None,
+                   help="data you declare public: the teacher and the layer probe in formal mode")
+    f.add_argument("--no-awp", dest="awp", action="store_false", help="no adversarial weight perturbation")
+    f.add_argument("--no-layer-selection", dest="layer_selection", action="store_false",
+                   help="keep every prefix layer")
+    f.add_argument("--no-distillation", dest="distillation", action="store_false", help="no teacher prefix")
+    f.add_argument("--awp-gamma", type=float, default=None, help="AWP radius, relative per prefix layer")
+    f.add_argument("--keep-layers", type=int, default=None, help="prefix layers to keep")
+    f.add_argument("--distill-lambda", type=float, default=None, help="weight of ‖P − P_teacher‖")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -58,7 +74,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         target_epsilon=args.epsilon if args.method != "non_private" else None, target_delta=args.delta,
         max_grad_norm=args.max_grad_norm, accountant=args.accountant, seed=args.seed,
         label_names=tuple(args.label_names.split(",")) if args.label_names else None,
-        max_length=args.max_length, eval_max_examples=args.eval_max_examples,
+        max_length=args.max_length, eval_max_examples=args.eval_max_examples, trainer=args.trainer,
+        guarantee=args.guarantee, awp=args.awp, layer_selection=args.layer_selection,
+        distillation=args.distillation, keep_layers=args.keep_layers, audit_fraction=args.audit_fraction,
+        **{k: v for k, v in (("awp_gamma", args.awp_gamma), ("distill_lambda", args.distill_lambda))
+           if v is not None},
     )
     bar: Any = None
 
@@ -81,12 +101,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             print("evaluating ...", file=sys.stderr)
 
     report = run_job(spec, train_path=args.data, eval_path=args.eval_data, out_dir=args.out,
-                     cache_dir=default_cache_dir(), device=args.device, callback=progress, max_rows=args.max_rows)
+                     cache_dir=default_cache_dir(), device=args.device, callback=progress, max_rows=args.max_rows,
+                     public_path=args.public_data)
     summary = {k: report[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
-                                      "accountant", "guarantee")}
+                                      "accountant", "guarantee", "guarantee_note")}
     summary["metrics"] = {k: v for k, v in report["metrics"].items() if k != "samples"}
     summary["zero_shot_metrics"] = report["zero_shot_metrics"]
     summary["train_seconds"] = round(report["timing"]["train_seconds"], 1)
+    if report.get("privacy_flat"):
+        pf = report["privacy_flat"]
+        summary["privacy_flat"] = {"kept_layers": (pf.get("selection") or {}).get("kept"),
+                                   "teacher": pf.get("teacher"), "awp": pf.get("awp_run")}
+    if report.get("audit"):
+        summary["mia_auc"] = report["audit"]["mia_auc"]
+    if report.get("flatness"):
+        summary["sharpness"] = report["flatness"]["sharpness_random"]
     summary["out"] = str(args.out)
     print(json.dumps(summary, indent=2))
     return 0

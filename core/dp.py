@@ -75,6 +75,19 @@ class DPGradient:
         self._clipped += int((norms > self.max_grad_norm).sum())
         return norms.detach()
 
+    def raw_gradient(self, losses: torch.Tensor) -> list[torch.Tensor]:
+        """The plain mean gradient of ``losses`` [b]: no clipping, no noise. Empirical-mode AWP only (the
+        paper's recipe); it is an un-privatised use of the data, which is why formal mode never calls it."""
+        for p in self.params:
+            p.grad = None
+        losses.sum().backward()
+        b = max(int(losses.shape[0]), 1)
+        out = [p.grad.detach() / b if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        for p in self.params:
+            setattr(p, "grad_sample", None)  # noqa: B010
+            p.grad = None
+        return out
+
     def close(self) -> None:
         """Remove the per-sample hooks, so later forward/backward passes (evaluation, flatness) are plain."""
         if isinstance(self.module, GradSampleModule):

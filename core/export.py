@@ -38,10 +38,17 @@ def save_adapter(learner: PromptLearner, head: Head | None, out_dir: Path, *, la
                  num_labels: int | None, spec: dict[str, Any]) -> Path:
     """Write the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and our head file."""
     adapter = out_dir / "adapter"
+    cols = learner.layer_columns()
+    if cols is not None and learner.layer_removal == "zero":  # what the model saw, so plain PEFT loading agrees
+        with torch.no_grad():
+            learner.prompt_encoder.embedding.weight.mul_(cols.to(learner.prompt_encoder.embedding.weight))
     learner.peft_model.save_pretrained(str(adapter))
+    # Sparse prefix: a plain PeftModel load uses every layer; for `mask` removal the removed layers hold their
+    # initial attention-sink copies (close to a no-op), and load_adapter re-applies the mask exactly.
     meta = {"head": head.describe() if head is not None else None, "label_names": label_names, "num_labels": num_labels,
             "tuning": learner.tuning, "task": spec.get("task"), "model": spec.get("model"),
-            "pflat_versions": versions()}
+            "kept_layers": list(learner.kept_layers) if learner.kept_layers is not None else None,
+            "layer_removal": learner.layer_removal, "pflat_versions": versions()}
     (adapter / HEAD_FILE).write_text(json.dumps(meta, indent=2))
     if isinstance(head, LinearHead):
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(adapter / HEAD_WEIGHTS))
@@ -52,6 +59,8 @@ def load_adapter(base: BaseModel, adapter_dir: Path) -> tuple[PromptLearner, Hea
     """Reload an exported adapter and its head onto ``base``; the head is None for generation adapters."""
     meta = json.loads((adapter_dir / HEAD_FILE).read_text())
     learner = load_learner(base, str(adapter_dir), tuning=meta["tuning"])
+    if meta.get("kept_layers") is not None:
+        learner.set_layers(meta["kept_layers"], removal=meta.get("layer_removal", "mask"))
     head: Head | None = None
     if meta["task"] == "classification":
         h = meta["head"]

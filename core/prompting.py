@@ -11,6 +11,7 @@ Shapes: B batch, L tokens, P virtual tokens, H key/value heads, d head dim, D hi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +30,29 @@ INIT_TEXT = ("Read the following text carefully and answer the question about it
 
 @dataclass
 class Hidden:
-    """Last hidden states of the real tokens, ``states`` [B, L, D], and their padding mask [B, L]."""
+    """Last hidden states of the real tokens, ``states`` [B, L, D], and their padding mask [B, L].
+
+    ``prompt`` is the per-example prompt-encoder output that produced them ([B, P, F], see
+    :meth:`PromptLearner.prompt_states`), or None for the bare model: a regulariser on the prefix must be a
+    function of *these* activations to be seen (and clipped) by the per-sample gradient hooks.
+    """
 
     states: torch.Tensor
     mask: torch.Tensor
+    prompt: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of the prefix that AWP and layer selection treat as a whole: ``param[:, cols]`` (or the whole
+    tensor when ``cols`` is None). For an unprojected prefix there is one block per transformer layer."""
+
+    param: nn.Parameter
+    cols: slice | None
+    layer: int | None
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.cols is None else tensor[:, self.cols]
 
 
 def attention_mask_4d(kv_valid: torch.Tensor, *, q_len: int, causal: bool, attn_impl: str,
@@ -70,6 +90,9 @@ class PromptLearner:
         self.prompt_encoder: Any = peft_model.prompt_encoder["default"]
         self.backbone: Any = base.model.base_model  # BertModel / LlamaModel ...
         self.causal = base.family == "decoder"
+        self.kept_layers: tuple[int, ...] | None = None  # None: every layer has its prefix
+        self.layer_removal = "mask"
+        self._hooks: list[Any] = []
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -81,6 +104,64 @@ class PromptLearner:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.prompt_encoder.parameters() if p.requires_grad]
+
+    def blocks(self) -> list[Block]:
+        """Per-layer key/value blocks of an unprojected prefix; one block per tensor otherwise."""
+        params = self.trainable_parameters()
+        if self.tuning != "prefix" or self.config.prefix_projection:
+            return [Block(p, None, None) for p in params]
+        width = 2 * int(self.config.token_dim)  # (key, value) x H x d per layer, PEFT layout
+        weight = self.prompt_encoder.embedding.weight
+        return [Block(weight, slice(j * width, (j + 1) * width), j) for j in range(self.num_layers)]
+
+    def layer_columns(self) -> torch.Tensor | None:
+        """[F] 1.0 for prompt-state columns of kept layers, 0.0 for removed ones (None: all kept)."""
+        if self.kept_layers is None or self.tuning != "prefix":
+            return None
+        width = 2 * int(self.config.token_dim)
+        keep = torch.zeros(self.num_layers)
+        keep[list(self.kept_layers)] = 1.0
+        return keep.repeat_interleave(width)
+
+    def set_layers(self, kept: Sequence[int] | None, *, removal: str = "mask") -> None:
+        """Keep only the prefix of layers ``kept`` (None: all). Cross-layer flatness (Privacy-Flat §3.2).
+
+        ``mask`` removes a layer's prefix for real: a pre-hook on that layer's attention masks the P prefix
+        keys out (the one 4-D mask the model takes is shared by all layers). ``zero`` zeroes its keys and
+        values, as the paper does: a zero key still takes softmax mass exp(0).
+        """
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        chosen = None if kept is None else tuple(sorted(int(j) for j in kept))
+        self.kept_layers, self.layer_removal = chosen, removal
+        if chosen is None or removal != "mask" or self.tuning != "prefix":
+            return
+        for j, attn in enumerate(_attention_modules(self.backbone)):
+            if j not in chosen:
+                self._hooks.append(attn.register_forward_pre_hook(self._mask_prefix, with_kwargs=True))
+
+    def _mask_prefix(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        b, q = hidden.shape[:2]
+        p = self.num_virtual_tokens
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # the model dropped an all-visible mask: rebuild it, prefix included
+            valid = torch.ones(b, p + q, dtype=torch.bool, device=hidden.device)
+            mask = attention_mask_4d(valid, q_len=q, causal=self.causal, attn_impl="sdpa", dtype=hidden.dtype)
+        if mask.dtype == torch.bool:
+            new = mask.clone()
+            new[..., :p] = False
+            # A query that could see only the prefix (a left-padding slot) would get an empty softmax (NaN, which
+            # poisons gradients); it keeps its old row: its output is padding and never read.
+            new = torch.where(new.any(-1, keepdim=True), new, mask)
+        else:
+            low = torch.finfo(mask.dtype).min
+            new = mask.clone()
+            new[..., :p] = low
+            new = torch.where((new > low / 2).any(-1, keepdim=True), new, mask)
+        kwargs["attention_mask"] = new
+        return args, kwargs
 
     def prompt_states(self, batch_size: int) -> torch.Tensor:
         """The prompt encoder's output per example: [B, P, num_layers*2*H*d] (prefix) or [B, P, D] (prompt).
@@ -100,19 +181,25 @@ class PromptLearner:
         heads = int(self.config.num_attention_heads)
         d = int(self.config.token_dim) // heads
         kv = states.view(b, self.num_virtual_tokens, self.num_layers * 2, heads, d).permute(2, 0, 3, 1, 4)
+        if self.kept_layers is not None and self.layer_removal == "zero":
+            keep = torch.zeros(self.num_layers * 2, device=kv.device, dtype=kv.dtype)
+            for j in self.kept_layers:
+                keep[2 * j: 2 * j + 2] = 1.0
+            kv = kv * keep.view(-1, 1, 1, 1, 1)
         cache = DynamicCache()
         for layer in range(self.num_layers):
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
         return cache
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-               use_prompt: bool = True) -> Hidden:
+               use_prompt: bool = True, states: torch.Tensor | None = None) -> Hidden:
         """Run the frozen backbone with the prefix / soft prompt; return the real tokens' last hidden states.
 
         Args:
             input_ids: [B, L] token ids, right- or left-padded.
             attention_mask: [B, L] 1 for real tokens.
             use_prompt: False runs the bare base model (zero-shot reference).
+            states: prompt states to use instead of the encoder's ([B, P, F]; a teacher's, for distillation).
         """
         mask = attention_mask.bool()
         b, seq = input_ids.shape
@@ -126,14 +213,15 @@ class PromptLearner:
             out = self.backbone(input_ids=input_ids, attention_mask=am, position_ids=positions, use_cache=False)
             return Hidden(out.last_hidden_state, mask)
         p = self.num_virtual_tokens
-        states = self.prompt_states(b)
+        if states is None:
+            states = self.prompt_states(b)
         ones = torch.ones(b, p, dtype=torch.bool, device=mask.device)
         if self.tuning == "prefix":
             kv_valid = torch.cat([ones, mask], dim=1)
             am = attention_mask_4d(kv_valid, q_len=seq, causal=self.causal, attn_impl=impl, dtype=dtype)
             out = self.backbone(input_ids=input_ids, attention_mask=am, position_ids=positions,
                                 past_key_values=self.prefix_cache(states.to(dtype)), use_cache=False)
-            return Hidden(out.last_hidden_state, mask)
+            return Hidden(out.last_hidden_state, mask, states)
         # Prompt tuning: the soft prompt is real input at positions 0..P-1, the text follows it.
         embeds = self.backbone.get_input_embeddings()(input_ids)
         full = torch.cat([states.to(embeds.dtype), embeds], dim=1)
@@ -141,11 +229,19 @@ class PromptLearner:
         am = attention_mask_4d(kv_valid, q_len=p + seq, causal=self.causal, attn_impl=impl, dtype=dtype)
         pos = torch.cat([torch.arange(p, device=mask.device).expand(b, p), positions + p], dim=1)
         out = self.backbone(inputs_embeds=full, attention_mask=am, position_ids=pos, use_cache=False)
-        return Hidden(out.last_hidden_state[:, p:], mask)
+        return Hidden(out.last_hidden_state[:, p:], mask, states)
 
     def train(self, mode: bool = True) -> None:
         """Train mode for the trainable part only; the frozen base stays in eval (dropout off)."""
         self.prompt_encoder.train(mode)
+
+
+def _attention_modules(backbone: nn.Module) -> list[nn.Module]:
+    """The self-attention module of each transformer layer, in order (BERT-style and Llama-style models)."""
+    layers: Any = getattr(getattr(backbone, "encoder", None), "layer", None) or getattr(backbone, "layers", None)
+    if layers is None:
+        raise TypeError(f"cannot find the transformer layers of {type(backbone).__name__}")
+    return [layer.attention.self if hasattr(layer, "attention") else layer.self_attn for layer in layers]
 
 
 def build_learner(base: BaseModel, *, tuning: str, num_virtual_tokens: int, prefix_projection: bool = False,

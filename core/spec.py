@@ -14,10 +14,12 @@ from core.accounting import ACCOUNTANTS
 from core.errors import InvalidSpec
 
 TASKS = ("classification", "generation")
-METHODS = ("dp_prefix", "non_private")
+METHODS = ("dp_prefix", "privacy_flat", "non_private")
 TUNINGS = ("prefix", "prompt")
 OPTIMIZERS = ("adam", "sgd")
-GUARANTEES = ("formal", "none")
+GUARANTEES = ("formal", "empirical", "none")
+TRAINERS = ("first_order", "zeroth_order")
+REMOVALS = ("mask", "zero")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -31,8 +33,16 @@ class TrainSpec:
     model: str = _help("Base model: a registry name (`minilm`, `smollm2-135m`, ...) or a local HF folder.",
                        default="minilm")
     task: str = _help("`classification` or `generation`.", default="classification")
-    method: str = _help("`dp_prefix` (DP-SGD) or `non_private` (same loop, no clipping, no noise).",
-                        default="dp_prefix")
+    method: str = _help("`dp_prefix` (DP-SGD), `privacy_flat` (DP-SGD + AWP, layer selection, distillation) or "
+                        "`non_private` (same loop, no clipping, no noise).", default="dp_prefix")
+    guarantee: str = _help("`formal`: every use of the private data goes through the DP mechanism, the report's ε "
+                           "is an (ε, δ)-DP bound. `empirical` (privacy_flat only, must be asked for): the "
+                           "paper's recipe (raw-gradient AWP, teacher and layer probe on private data); no formal "
+                           "bound holds. Non-private runs are `none`.", default="formal")
+    trainer: str = _help("`first_order` (DP-SGD on per-example gradients) or `zeroth_order` (forward-only "
+                         "DP-ZO: two perturbed forward passes per step, clipped scalar differences).",
+                         default="first_order")
+    zo_mu: float = _help("Zeroth-order perturbation scale μ (the step is μ·z, z ~ N(0, I)).", default=1e-3)
     tuning: str = _help("`prefix` (per-layer key/value prefix, white-box) or `prompt` (input soft prompt, "
                         "black-box).", default="prefix")
     num_virtual_tokens: int = _help("Length of the prefix / soft prompt.", default=10)
@@ -61,12 +71,38 @@ class TrainSpec:
     flatness_probe: int = _help("Evaluation examples used to measure sharpness and the loss landscape "
                                 "(0: skip; at most eval_max_examples).", default=64)
     flatness_rho: float = _help("Relative radius ρ of the flatness measurement.", default=0.05)
+    audit_fraction: float = _help("Share of the training file held out before training as non-members of a "
+                                  "loss-threshold membership-inference audit (0: no audit).", default=0.0)
+    # Privacy-Flat parts (method privacy_flat); each can be switched off for ablations.
+    awp: bool = _help("Within-layer flatness: adversarial weight perturbation during the first rounds.",
+                      default=True)
+    awp_gamma: float = _help("AWP radius, relative per prefix layer: ‖v_l‖ = γ·‖w_l‖.", default=0.05)
+    awp_fraction: float = _help("Share of the steps (from the start) that use AWP.", default=0.5)
+    awp_steps: int = _help("Ascent steps per perturbation (empirical mode only; formal mode has one: the "
+                           "previous privatised gradient).", default=1)
+    layer_selection: bool = _help("Cross-layer flatness: keep only the prefix layers whose presence flattens "
+                                  "the loss most (white-box prefix only).", default=True)
+    keep_layers: int | None = _help("Prefix layers to keep (default: ceil(3/4 of the layers)).", default=None)
+    layer_removal: str = _help("`mask`: removed layers' prefix is masked out of attention; `zero`: its keys "
+                               "and values are zeroed (the paper; still takes softmax mass).", default="mask")
+    selection_probe: int = _help("Probe examples for the layer indicator.", default=64)
+    selection_directions: int = _help("Random directions per layer for the indicator.", default=4)
+    distillation: bool = _help("Cross-model flatness: pull the prefix toward a non-private teacher prefix.",
+                               default=True)
+    distill_lambda: float = _help("Weight λ of ‖P − P_teacher‖₂ inside every per-example loss.", default=0.01)
+    distill_logits: float = _help("Weight of an extra KL(teacher ‖ student) output term (0: off).", default=0.0)
+    teacher_epochs: float = _help("Passes of the non-private teacher over its data.", default=1.0)
+    teacher_batch_size: int = _help("Teacher batch size (non-private).", default=32)
 
     def __post_init__(self) -> None:
         _choice(self.task, TASKS, "task")
         _choice(self.method, METHODS, "method")
         _choice(self.tuning, TUNINGS, "tuning")
         _choice(self.optimizer, OPTIMIZERS, "optimizer")
+        _choice(self.trainer, TRAINERS, "trainer")
+        _choice(self.layer_removal, REMOVALS, "layer_removal")
+        self._check_guarantee()
+        self._check_flat()
         _choice(self.accountant, ACCOUNTANTS, "accountant")
         _positive_int(self.num_virtual_tokens, "num_virtual_tokens")
         _positive_int(self.batch_size, "batch_size")
@@ -100,14 +136,58 @@ class TrainSpec:
                 raise InvalidSpec("label_names must be distinct", param="label_names")
             object.__setattr__(self, "label_names", names)
 
+    def _check_guarantee(self) -> None:
+        _choice(self.guarantee, GUARANTEES, "guarantee")
+        if not self.private:  # nothing private about the run's mechanism: say so, whatever was asked
+            object.__setattr__(self, "guarantee", "none")
+        elif self.guarantee == "none":
+            raise InvalidSpec("a private method has guarantee formal or empirical", param="guarantee")
+        elif self.guarantee == "empirical" and self.method != "privacy_flat":
+            raise InvalidSpec("guarantee 'empirical' exists only for method privacy_flat", param="guarantee")
+
+    def _check_flat(self) -> None:
+        _positive_float(self.awp_gamma, "awp_gamma")
+        _positive_float(self.distill_lambda, "distill_lambda")
+        _positive_float(self.teacher_epochs, "teacher_epochs")
+        _positive_float(self.zo_mu, "zo_mu")
+        _positive_int(self.awp_steps, "awp_steps")
+        _positive_int(self.selection_probe, "selection_probe")
+        _positive_int(self.selection_directions, "selection_directions")
+        _positive_int(self.teacher_batch_size, "teacher_batch_size")
+        if self.keep_layers is not None:
+            _positive_int(self.keep_layers, "keep_layers")
+        if not (0 <= self.audit_fraction < 1):
+            raise InvalidSpec(f"audit_fraction must be in [0, 1), got {self.audit_fraction}", param="audit_fraction")
+        if not (0 <= self.awp_fraction <= 1):
+            raise InvalidSpec(f"awp_fraction must be in [0, 1], got {self.awp_fraction}", param="awp_fraction")
+        if not (math.isfinite(self.distill_logits) and self.distill_logits >= 0):
+            raise InvalidSpec(f"distill_logits must be >= 0, got {self.distill_logits}", param="distill_logits")
+        if self.uses_awp and self.guarantee == "formal" and self.awp_steps > 1:
+            # A second ascent step needs the gradient at the perturbed point: a fresh, un-noised private query.
+            raise InvalidSpec("formal mode ascends once, along the previous privatised gradient; awp_steps > 1 "
+                              "needs guarantee 'empirical'", param="awp_steps")
+
     @property
     def private(self) -> bool:
         return self.method != "non_private"
 
     @property
-    def guarantee(self) -> str:
-        """`formal` when every use of the private data went through the DP mechanism, else `none`."""
-        return "formal" if self.private else "none"
+    def uses_awp(self) -> bool:
+        return self.method == "privacy_flat" and self.awp and self.awp_fraction > 0
+
+    @property
+    def uses_layer_selection(self) -> bool:
+        """Only a per-layer prefix has layers to select (a soft prompt enters at the input only)."""
+        return self.method == "privacy_flat" and self.layer_selection and self.tuning == "prefix"
+
+    @property
+    def uses_distillation(self) -> bool:
+        return self.method == "privacy_flat" and self.distillation
+
+    @property
+    def needs_public_data(self) -> bool:
+        """Formal mode trains the teacher and probes layers on data declared public, never the private set."""
+        return self.guarantee == "formal" and (self.uses_layer_selection or self.uses_distillation)
 
     def delta_for(self, n: int) -> float:
         """The δ this job uses on a dataset of ``n`` examples; raises when δ ≥ 1/n (no meaningful guarantee)."""
@@ -148,3 +228,11 @@ def _positive_int(value: int, param: str) -> None:
 def _positive_float(value: float, param: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise InvalidSpec(f"{param} must be a positive finite number, got {value!r}", param=param)
+
+
+def check_public_data(spec: TrainSpec, *, has_public: bool) -> None:
+    """Raise InvalidSpec (``public_data``) when formal Privacy-Flat would need public data it does not have."""
+    if spec.needs_public_data and not has_public:
+        raise InvalidSpec("formal Privacy-Flat trains its teacher and probes layers on public data only: give a "
+                          "public data file, or turn off distillation and layer selection, or ask for the "
+                          "empirical guarantee", param="public_data")

@@ -80,7 +80,8 @@ def run(job_id: str, *, settings: Settings | None = None) -> str:
         assert job is not None
         webhooks.notify(settings, url=job.webhook_url, job_id=job_id, status="running", dataset_id=job.dataset_id)
         spec, mech = TrainSpec.from_dict(job.spec), Mechanism.from_dict(job.mechanism)
-        files = {k: s.get(FileRow, v) for k, v in (("train", job.training_file), ("eval", job.validation_file)) if v}
+        files = {k: s.get(FileRow, v) for k, v in (("train", job.training_file), ("eval", job.validation_file),
+                                                    ("public", (job.method or {}).get("public_file"))) if v}
     callback = JobCallback(url, job, mech, settings.event_every_steps)
     tmp = Path(tempfile.mkdtemp(prefix=f"pflat-{job_id}-"))
     status, error = "failed", None
@@ -89,7 +90,8 @@ def run(job_id: str, *, settings: Settings | None = None) -> str:
         from core.pipeline import run_job  # torch loads here, in the worker only
 
         report = run_job(spec, train_path=paths["train"], eval_path=paths.get("eval"), out_dir=tmp / "out",
-                         cache_dir=settings.cache_dir, device=settings.device, callback=callback, mechanism=mech)
+                         cache_dir=settings.cache_dir, device=settings.device, callback=callback, mechanism=mech,
+                         public_path=paths.get("public"))
         _store_results(url, storage, job, tmp / "out", report)
         status = "succeeded"
     except Cancelled:

@@ -17,7 +17,7 @@ from core import accounting
 from core.errors import InvalidSpec
 from core.planning import Mechanism, calibrate
 from core.registry import is_known
-from core.spec import TrainSpec
+from core.spec import TrainSpec, check_public_data
 from store import ledger, repo, webhooks
 from store.models import CheckpointRow, DatasetRow, FileRow, JobRow, new_id, now
 from worker.client import enqueue
@@ -30,9 +30,6 @@ ACTIVE = ("validating_files", "queued", "running")
 
 def _plan(req: JobCreate, team: CurrentTeam, session: SessionDep) -> tuple[TrainSpec, Mechanism, FileRow, DatasetRow]:
     """Validate a request into a TrainSpec and its calibrated mechanism (shared by create and estimate)."""
-    if req.method.type == "privacy_flat":
-        raise ApiError(422, "method_not_available", "method privacy_flat is not available yet on this server "
-                       "(use dp_prefix)", param="method.type")
     train = repo.owned(session, FileRow, team_id=team.id, ident=req.training_file)
     if train is None or train.purpose != "fine-tune":
         raise not_found("file", req.training_file, param="training_file")
@@ -46,13 +43,24 @@ def _plan(req: JobCreate, team: CurrentTeam, session: SessionDep) -> tuple[Train
     if not is_known(req.model):
         raise ApiError(422, "model_not_found", f"unknown base model {req.model!r} (see GET /v1/models)",
                        param="model")
+    if req.public_file is not None:
+        pub = repo.owned(session, FileRow, team_id=team.id, ident=req.public_file)
+        if pub is None or pub.purpose != "fine-tune":
+            raise not_found("file", req.public_file, param="public_file")
+        if pub.task != train.task:
+            raise ApiError(422, "invalid_public_file", f"public file is {pub.task}, training is {train.task}",
+                           param="public_file")
+        if pub.dataset_id == train.dataset_id:
+            raise ApiError(422, "public_file_is_private", "the public file belongs to the training file's dataset, "
+                           "whose privacy budget protects it: upload public data as its own dataset",
+                           param="public_file")
     dataset = session.get(DatasetRow, train.dataset_id)
     assert dataset is not None
     hyper = req.hyper().model_dump(exclude_none=True)
-    if hyper.pop("guarantee", "formal") != "formal":
+    private = req.method.type != "non_private"
+    if hyper.get("guarantee") == "empirical" and req.method.type != "privacy_flat":
         raise ApiError(422, "guarantee_not_available", "guarantee 'empirical' needs method privacy_flat",
                        param=f"method.{req.method.type}.hyperparameters.guarantee")
-    private = req.method.type != "non_private"
     fields = {SPEC_FIELDS.get(k, k): v for k, v in hyper.items()}
     if not private:
         for key in PRIVACY_ONLY:
@@ -65,11 +73,13 @@ def _plan(req: JobCreate, team: CurrentTeam, session: SessionDep) -> tuple[Train
         raise ApiError(422, "invalid_delta", f"target_delta must be <= the dataset's δ={dataset.delta:g}",
                        param=_param(req, "target_delta"))
     try:
-        spec = TrainSpec(model=req.model, task=train.task or "classification",
-                         method="dp_prefix" if private else "non_private", seed=req.seed or 0,
-                         accountant=fields.pop("accountant", dataset.accountant), **fields)
+        spec = TrainSpec(model=req.model, task=train.task or "classification", method=req.method.type,
+                         seed=req.seed or 0, accountant=fields.pop("accountant", dataset.accountant), **fields)
+        check_public_data(spec, has_public=req.public_file is not None)
         mech = calibrate(spec, n=train.rows or 0)
     except InvalidSpec as err:
+        if err.param == "public_data":
+            raise ApiError(422, "public_file_required", err.message, param="public_file") from None
         raise ApiError(422, err.code, err.message, param=_param(req, err.param)) from None
     return spec, mech, train, dataset
 
@@ -103,7 +113,8 @@ def create_job(req: JobCreate, team: CurrentTeam, session: SessionDep, settings:
     ledger.lock_dataset(session, dataset.id)
     job = JobRow(id=new_id("ftjob-"), team_id=team.id, dataset_id=dataset.id, training_file=train.id,
                  validation_file=req.validation_file, model=req.model, status="queued",
-                 method={"type": req.method.type}, spec=spec.to_dict(), mechanism=mech.to_dict(),
+                 method={"type": req.method.type, "public_file": req.public_file}, spec=spec.to_dict(),
+                 mechanism=mech.to_dict(),
                  guarantee=spec.guarantee, seed=spec.seed, suffix=req.suffix, metadata_=req.metadata,
                  webhook_url=req.webhook_url)
     session.add(job)

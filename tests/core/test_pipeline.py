@@ -131,3 +131,45 @@ def test_cli_reports_bad_settings_without_traceback(toy_files: dict[str, Path], 
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and param in proc.stderr, proc.stderr
+
+
+def test_privacy_flat_formal_job_end_to_end(toy_files: dict[str, Path], tmp_path: Path) -> None:
+    public = tmp_path / "public.jsonl"
+    write_jsonl(Dataset("classification", tuple(toy_examples(40)[::-1]), ("bad", "good")), public)
+    spec = TrainSpec(model="tiny-bert", method="privacy_flat", epochs=1, batch_size=16, lr=0.1, target_epsilon=4.0,
+                     keep_layers=1, selection_directions=1, selection_probe=8, audit_fraction=0.25, noise_seed=1)
+    out = tmp_path / "pf"
+    rep = run_job(spec, train_path=toy_files["classification"], eval_path=toy_files["classification"], out_dir=out,
+                  cache_dir=tmp_path, device="cpu", public_path=public)
+    pf = rep["privacy_flat"]
+    assert rep["guarantee"] == "formal" and 0 < rep["epsilon"] <= 4.0 * 1.0001
+    assert rep["epsilon"] == rep["mechanism_epsilon"] and "public data file" in rep["guarantee_note"]
+    assert pf["teacher"]["source"] == "public" and pf["selection"]["probe"]["source"] == "public"
+    assert len(pf["selection"]["indicator"]) == 2 and len(pf["selection"]["kept"]) == 1
+    assert pf["awp_run"]["direction"].startswith("previous privatised")
+    assert rep["audit"]["non_members"] == 20 and 0 <= rep["audit"]["mia_auc"] <= 1
+    # The exported adapter carries the layer choice; reloading applies it and predicts the same.
+    base = load_base_model("tiny-bert", cache_dir=tmp_path, seed=spec.seed)
+    learner, head, meta = load_adapter(base, out / "adapter")
+    assert meta["kept_layers"] == pf["selection"]["kept"] and learner.kept_layers == tuple(meta["kept_layers"])
+
+
+def test_privacy_flat_empirical_report_has_no_formal_bound(toy_files: dict[str, Path], tmp_path: Path) -> None:
+    spec = TrainSpec(model="tiny-llama", method="privacy_flat", guarantee="empirical", epochs=1, batch_size=16,
+                     lr=0.1, target_epsilon=4.0, selection_directions=1, selection_probe=8, awp_steps=2)
+    rep = run_job(spec, train_path=toy_files["classification"], eval_path=None, out_dir=tmp_path / "emp",
+                  cache_dir=tmp_path, device="cpu")
+    assert rep["guarantee"] == "empirical" and rep["epsilon"] is None and rep["delta"] is None
+    assert 0 < rep["mechanism_epsilon"] <= 4.0 * 1.0001
+    note = rep["guarantee_note"]
+    assert note.startswith("No formal") and "raw, un-noised" in note and "trained on the private data" in note
+    assert rep["privacy_flat"]["teacher"]["source"] == "private"
+    assert rep["privacy_flat"]["selection"]["probe"]["source"] == "private"
+
+
+def test_cli_privacy_flat_formal_needs_public_data(toy_files: dict[str, Path], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "train", "--data", str(toy_files["classification"]),
+                           "--model", "tiny-bert", "--method", "privacy_flat", "--out", str(tmp_path / "o"),
+                           "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "public_data" in proc.stderr and "empirical" in proc.stderr
