@@ -130,6 +130,64 @@ def test_teams_cannot_see_each_other(service: Service) -> None:
     assert httpx.get(service.url + "/v1/files", headers={"Authorization": "Bearer nope"}).status_code == 401
 
 
+def flat_body(file_id: str, public: str | None, **hyper: object) -> dict:
+    h = {"target_epsilon": 4.0, "batch_size": 20, "max_steps": 2, "learning_rate": 0.05, "keep_layers": 1,
+         "selection_probe": 8, **hyper}
+    return {"model": "tiny-bert", "training_file": file_id, "public_file": public,
+            "method": {"type": "privacy_flat", "privacy_flat": {"hyperparameters": h}}}
+
+
+def test_privacy_flat_formal_and_empirical_jobs(service: Service) -> None:
+    c = service.client(service.new_key("privacy-flat"))
+    private = upload(c, TOY).json()
+    public = upload(c, TOY.replace("movie", "film")).json()  # its own dataset, declared public
+    assert public["dataset"] != private["dataset"]
+    job = c.post("/v1/fine_tuning/jobs", json=flat_body(private["id"], public["id"])).json()
+    assert job["method"]["type"] == "privacy_flat" and job["public_file"] == public["id"]
+    job = wait_for(c, job["id"])
+    assert job["status"] == "succeeded", job["error"]
+    report = c.get(f"/v1/fine_tuning/jobs/{job['id']}/report").json()
+    assert report["guarantee"] == "formal" and 0 < report["epsilon"] <= 4.0
+    assert report["privacy_flat"]["teacher"]["source"] == "public"
+    assert report["privacy_flat"]["selection"]["kept"] and report["privacy_flat"]["awp_run"]["gamma"] > 0
+    assert c.get(f"/v1/datasets/{private['dataset']}/ledger").json()["formal_guarantee"] is True
+    assert c.get(f"/v1/datasets/{public['dataset']}/ledger").json()["entries"] == []  # public data costs nothing
+
+    emp = c.post("/v1/fine_tuning/jobs", json=flat_body(private["id"], None, guarantee="empirical")).json()
+    assert emp["privacy"]["guarantee"] == "empirical"
+    emp = wait_for(c, emp["id"])
+    assert emp["status"] == "succeeded", emp["error"]
+    report = c.get(f"/v1/fine_tuning/jobs/{emp['id']}/report").json()
+    assert report["epsilon"] is None and report["mechanism_epsilon"] > 0
+    assert report["guarantee_note"].startswith("No formal")
+    ledger = c.get(f"/v1/datasets/{private['dataset']}/ledger").json()
+    assert ledger["formal_guarantee"] is False  # the dataset says so from now on
+
+
+@pytest.mark.parametrize("case", ["no_public", "public_is_private", "public_missing", "empirical_dp_prefix",
+                                  "formal_awp_steps"])
+def test_bad_privacy_flat_requests(service: Service, case: str) -> None:
+    c = service.client(service.new_key("bad-flat"))
+    f = upload(c, TOY).json()
+    body, code, param = flat_body(f["id"], None), "public_file_required", "public_file"
+    if case == "public_is_private":
+        same = upload(c, TOY, dataset=f["dataset"]).json()
+        body, code = flat_body(f["id"], same["id"]), "public_file_is_private"
+    elif case == "public_missing":
+        body, code = flat_body(f["id"], "file-nope"), "file_not_found"
+    elif case == "empirical_dp_prefix":
+        body = job_body(f["id"], guarantee="empirical")
+        code, param = "guarantee_not_available", "method.dp_prefix.hyperparameters.guarantee"
+    elif case == "formal_awp_steps":
+        body = flat_body(f["id"], None, distillation=False, layer_selection=False, awp_steps=3)
+        code, param = "invalid_spec", "method.privacy_flat.hyperparameters.awp_steps"
+    r = c.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code in (404, 422), r.text
+    err = r.json()["error"]
+    assert (err["code"], err["param"]) == (code, param), err
+    assert c.get(f"/v1/datasets/{f['dataset']}/ledger").json()["entries"] == []
+
+
 @pytest.mark.parametrize("case", ["malformed_json", "wrong_type", "zero_eps", "negative_eps", "big_delta",
                                   "unknown_model", "missing_file", "unknown_field", "bad_method"])
 def test_bad_job_requests_get_4xx_with_code_and_param(service: Service, case: str) -> None:
