@@ -44,6 +44,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.step_time --datasets $(DATASETS)
 	$(BIN)/python -m benchmarks.pollers
 	$(BIN)/python -m benchmarks.linear_probe --datasets $(DATASETS)
+	$(BIN)/python -m benchmarks.ablation --datasets $(DATASETS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

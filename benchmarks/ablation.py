@@ -70,7 +70,7 @@ def split_files(datasets: Path, work: Path, *, part: str, quick: bool) -> dict[s
         rng.shuffle(mrs)
         pub_mr, priv_mr = (mrs[:10], mrs[10:40]) if quick else (mrs[:30], mrs[30:130])
         sets = {"public": [e for m in pub_mr for e in by_mr[m]][:80 if quick else 150],
-                "private": [e for m in priv_mr for e in by_mr[m]][:120 if quick else 400]}
+                "private": [e for m in priv_mr for e in by_mr[m]][:120 if quick else 240]}
         test = load_dataset(datasets / "e2e" / "testset_w_refs.csv", task="generation")
         t_by: dict[str, list[Any]] = {}
         for e in test.examples:
@@ -90,10 +90,11 @@ def base_spec(part: str, *, quick: bool) -> dict[str, Any]:
         return {"model": "minilm", "task": "classification", "batch_size": 256 if quick else 500,
                 "epochs": 2.0, "lr": 0.1, "max_grad_norm": 0.1, "physical_batch_size": 64,
                 "audit_fraction": 0.1, "flatness_probe": 64}
-    return {"model": "smollm2-135m", "task": "generation", "batch_size": 60 if quick else 100, "epochs": 2.0,
+    return {"model": "smollm2-135m", "task": "generation", "batch_size": 60, "epochs": 2.0,
             "lr": 0.05, "max_grad_norm": 0.1, "physical_batch_size": 16, "audit_fraction": 0.1,
-            "flatness_probe": 16, "selection_probe": 16, "selection_directions": 2, "max_new_tokens": 32,
-            "eval_max_examples": 60 if not quick else 16, "max_length": 96}
+            # 30 layers: the indicator costs 31 x (1 + directions) probe passes, so a small probe here.
+            "flatness_probe": 16, "selection_probe": 8, "selection_directions": 1, "max_new_tokens": 32,
+            "eval_max_examples": 40 if not quick else 16, "max_length": 96}
 
 
 def plan(part: str, *, quick: bool) -> list[tuple[str, float | None, int]]:
