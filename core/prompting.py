@@ -142,13 +142,10 @@ class PromptLearner:
                 self._hooks.append(attn.register_forward_pre_hook(self._mask_prefix, with_kwargs=True))
 
     def _mask_prefix(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        b, q = hidden.shape[:2]
         p = self.num_virtual_tokens
         mask = kwargs.get("attention_mask")
-        if mask is None:  # the model dropped an all-visible mask: rebuild it, prefix included
-            valid = torch.ones(b, p + q, dtype=torch.bool, device=hidden.device)
-            mask = attention_mask_4d(valid, q_len=q, causal=self.causal, attn_impl="sdpa", dtype=hidden.dtype)
+        if mask is None:  # our wrapper always passes an explicit 4-D mask; without one the key length is unknown
+            raise RuntimeError("layer removal needs the explicit 4-D attention mask PromptLearner passes")
         if mask.dtype == torch.bool:
             new = mask.clone()
             new[..., :p] = False

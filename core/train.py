@@ -78,6 +78,16 @@ def trainable_module(learner: PromptLearner, head: Head | None) -> nn.Module:
     return parts
 
 
+def private_randomness(spec: TrainSpec, device: torch.device) -> tuple[np.random.Generator, torch.Generator, int]:
+    """The Poisson-sampling RNG, the noise generator and their seed.
+
+    The guarantee assumes the adversary cannot predict the sampling or the noise: the seed comes from the OS
+    unless the spec asks for repeatable runs (the report then says the noise was seeded).
+    """
+    seed = spec.noise_seed if spec.noise_seed is not None else secrets.randbits(62)
+    return np.random.default_rng(seed), torch.Generator(device=device).manual_seed(seed + 1), seed
+
+
 def awp_plan(learner: PromptLearner, spec: TrainSpec, *, steps: int,
              params: Sequence[nn.Parameter]) -> tuple[AdversarialPerturbation | None, int]:
     """The AWP helper over the kept layers' blocks and the last step that uses it (0: no AWP). ``params`` is
@@ -121,11 +131,7 @@ def train(learner: PromptLearner, head: Head | None, rows: Sequence[Encoded], *,
     n = len(rows)
     lengths = [len(r) for r in rows]
     pad = learner.base.tokenizer.pad_token_id
-    # The guarantee assumes the adversary cannot predict the sampling or the noise: draw their seed from the OS
-    # unless the spec asks for repeatable runs (the report then says the noise was seeded).
-    noise_seed = spec.noise_seed if spec.noise_seed is not None else secrets.randbits(62)
-    rng = np.random.default_rng(noise_seed)
-    gen = torch.Generator(device=device).manual_seed(noise_seed + 1)
+    rng, gen, _ = private_randomness(spec, device)
     module = trainable_module(learner, head)
     dp = DPGradient(module, max_grad_norm=spec.max_grad_norm, noise_multiplier=noise_multiplier,
                     private=spec.private, generator=gen)

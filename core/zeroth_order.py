@@ -9,11 +9,9 @@ once: the same subsampled Gaussian mechanism as DP-SGD, accounted by the same ac
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from core.accounting import PrivacyAccountant
@@ -32,6 +30,7 @@ from core.train import (
     awp_summary,
     freeze_removed_columns,
     make_optimizer,
+    private_randomness,
     trainable_module,
 )
 
@@ -49,10 +48,8 @@ def train_zeroth_order(learner: PromptLearner, head: Head | None, rows: Sequence
     n = len(rows)
     lengths = [len(r) for r in rows]
     pad = learner.base.tokenizer.pad_token_id
-    noise_seed = spec.noise_seed if spec.noise_seed is not None else secrets.randbits(62)
-    rng = np.random.default_rng(noise_seed)
-    gen = torch.Generator(device=device).manual_seed(noise_seed + 1)
-    zgen = torch.Generator(device=device).manual_seed(noise_seed + 2)
+    rng, gen, noise_seed = private_randomness(spec, device)
+    zgen = torch.Generator(device=device).manual_seed(noise_seed + 2)  # z is data-independent
     params = [p for p in trainable_module(learner, head).parameters() if p.requires_grad]
     optim = make_optimizer(params, spec)
     acct = accountant or PrivacyAccountant(accountant=spec.accountant)

@@ -34,22 +34,12 @@ def _plan(req: JobCreate, team: CurrentTeam, session: SessionDep) -> tuple[Train
     if train is None or train.purpose != "fine-tune":
         raise not_found("file", req.training_file, param="training_file")
     if req.validation_file is not None:
-        val = repo.owned(session, FileRow, team_id=team.id, ident=req.validation_file)
-        if val is None or val.purpose != "fine-tune":
-            raise not_found("file", req.validation_file, param="validation_file")
-        if val.task != train.task:
-            raise ApiError(422, "invalid_validation_file", f"validation file is {val.task}, training is {train.task}",
-                           param="validation_file")
+        _companion(session, team, req.validation_file, train, "validation")
     if not is_known(req.model):
         raise ApiError(422, "model_not_found", f"unknown base model {req.model!r} (see GET /v1/models)",
                        param="model")
     if req.public_file is not None:
-        pub = repo.owned(session, FileRow, team_id=team.id, ident=req.public_file)
-        if pub is None or pub.purpose != "fine-tune":
-            raise not_found("file", req.public_file, param="public_file")
-        if pub.task != train.task:
-            raise ApiError(422, "invalid_public_file", f"public file is {pub.task}, training is {train.task}",
-                           param="public_file")
+        pub = _companion(session, team, req.public_file, train, "public")
         if pub.dataset_id == train.dataset_id:
             raise ApiError(422, "public_file_is_private", "the public file belongs to the training file's dataset, "
                            "whose privacy budget protects it: upload public data as its own dataset",
@@ -82,6 +72,17 @@ def _plan(req: JobCreate, team: CurrentTeam, session: SessionDep) -> tuple[Train
             raise ApiError(422, "public_file_required", err.message, param="public_file") from None
         raise ApiError(422, err.code, err.message, param=_param(req, err.param)) from None
     return spec, mech, train, dataset
+
+
+def _companion(session: SessionDep, team: CurrentTeam, ident: str, train: FileRow, role: str) -> FileRow:
+    """A validation or public file: the team's, for fine-tuning, of the training file's task."""
+    f = repo.owned(session, FileRow, team_id=team.id, ident=ident)
+    if f is None or f.purpose != "fine-tune":
+        raise not_found("file", ident, param=f"{role}_file")
+    if f.task != train.task:
+        raise ApiError(422, f"invalid_{role}_file", f"{role} file is {f.task}, training is {train.task}",
+                       param=f"{role}_file")
+    return f
 
 
 def _param(req: JobCreate, name: str | None) -> str | None:
