@@ -62,7 +62,7 @@ class JobCallback:
                     repo.add_event(s, job_id=self.job_id, type_="metrics", message=f"Step {p.step}/{p.total_steps}",
                                    data={"step": p.step, "total_steps": p.total_steps, "train_loss": p.loss,
                                          "epsilon_spent": p.epsilon, **p.metrics})
-            elif p.stage in ("prepared", "evaluate", "flatness"):
+            elif p.stage in ("prepared", "privacy_flat_setup", "evaluate", "flatness", "audit"):
                 repo.add_event(s, job_id=self.job_id, message=f"Stage: {p.stage}", data=p.metrics or None)
             return not (job.cancel_requested or job.status == "cancelled")
 
