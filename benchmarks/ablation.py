@@ -87,7 +87,8 @@ def split_files(datasets: Path, work: Path, *, part: str, quick: bool) -> dict[s
 
 def base_spec(part: str, *, quick: bool) -> dict[str, Any]:
     if part == "sst2":
-        return {"model": "minilm", "task": "classification", "batch_size": 256 if quick else 500,
+        return {"model": "minilm", "task": "classification", "label_names": ("terrible", "great"),
+                "batch_size": 256 if quick else 500,
                 "epochs": 2.0, "lr": 0.1, "max_grad_norm": 0.1, "physical_batch_size": 64,
                 "audit_fraction": 0.1, "flatness_probe": 64}
     return {"model": "smollm2-135m", "task": "generation", "batch_size": 60, "epochs": 2.0,
