@@ -15,9 +15,8 @@ from transformers import DynamicCache
 from core.batching import Encoded, Template, collate, encode_generation, length_chunks
 from core.data import Dataset
 from core.heads import Head
-from core.objective import classification_losses, completion_losses
+from core.objective import autocast_for, classification_losses, completion_losses
 from core.prompting import PromptLearner, attention_mask_4d
-from core.train import autocast_for
 
 
 def macro_f1(pred: Sequence[int], gold: Sequence[int], num_labels: int) -> float:

@@ -17,6 +17,11 @@ from core.heads import Head
 from core.prompting import Hidden, PromptLearner
 
 
+def autocast_for(device: torch.device) -> Any:
+    """bf16 autocast on CUDA, nothing on CPU: the same code path either way."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 @dataclass(frozen=True)
 class Distill:
     """Cross-model flatness (Privacy-Flat §3.3): pull the prompt states toward a non-private teacher's.
@@ -105,12 +110,11 @@ def probe_loss(learner: PromptLearner, head: Head | None, rows: Sequence[Encoded
     pad = learner.base.tokenizer.pad_token_id
     batches = [collate([rows[i] for i in chunk], pad_id=pad).to(device)
                for chunk in length_chunks(range(len(rows)), [len(r) for r in rows], max_rows=32)]
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
 
     def loss_fn() -> torch.Tensor:
         total = torch.zeros((), device=device)
         for b in batches:
-            with autocast():
+            with autocast_for(device):
                 per = (classification_losses(learner, head, b) if head is not None
                        else completion_losses(learner, b))[0]
             total = total + per.float().sum()

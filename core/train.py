@@ -12,7 +12,6 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,7 @@ from core.batching import Batch, Encoded, collate, length_chunks, poisson_sample
 from core.dp import DPGradient
 from core.errors import Cancelled
 from core.heads import Head
-from core.objective import Distill, example_losses
+from core.objective import Distill, autocast_for, example_losses
 from core.prompting import PromptLearner
 from core.spec import TrainSpec
 
@@ -57,11 +56,6 @@ class TrainResult:
     seconds: float
     examples_seen: int
     awp: dict[str, Any] | None = None
-
-
-def autocast_for(device: torch.device) -> Any:
-    """bf16 autocast on CUDA, nothing on CPU: the same code path either way."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def make_optimizer(params: Sequence[nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:

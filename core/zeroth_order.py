@@ -18,14 +18,13 @@ from core.accounting import PrivacyAccountant
 from core.batching import Encoded, collate, length_chunks, poisson_sample
 from core.errors import Cancelled
 from core.heads import Head
-from core.objective import Distill, example_losses
+from core.objective import Distill, autocast_for, example_losses
 from core.prompting import PromptLearner
 from core.spec import TrainSpec
 from core.train import (
     Progress,
     ProgressFn,
     TrainResult,
-    autocast_for,
     awp_plan,
     awp_summary,
     freeze_removed_columns,
